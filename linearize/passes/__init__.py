@@ -1,0 +1,40 @@
+"""The pass pipeline over Dynamo's FX graph: a list of named passes, each `(gm, ctx) -> gm`.
+
+graph in -> find_attention -> trace_provenance -> apply_rules -> rewrite_sites -> cleanup -> graph out (lowering)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .apply_rules import apply_rules
+from .cleanup import cleanup
+from .context import PassContext
+from .find_attention import find_attention
+from .rewrite_sites import rewrite_sites
+from .trace_provenance import trace_provenance
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: Callable
+
+
+DEFAULT_PIPELINE = [Pass(fn.__name__, fn) for fn in
+                    (find_attention, trace_provenance, apply_rules, rewrite_sites, cleanup)]
+
+
+def run_pipeline(gm, ctx: PassContext, passes=DEFAULT_PIPELINE):
+    """Run each pass in order, timing it; returns the rewritten GraphModule."""
+    ctx.nodes_before = len(gm.graph.nodes)
+    for p in passes:
+        start = time.perf_counter()
+        gm = p.fn(gm, ctx)
+        ctx.timings[p.name] = time.perf_counter() - start
+    ctx.nodes_after = len(gm.graph.nodes)
+    return gm
+
+
+__all__ = ["Pass", "PassContext", "DEFAULT_PIPELINE", "run_pipeline"]

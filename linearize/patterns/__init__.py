@@ -1,0 +1,50 @@
+"""The attention pattern library: each module holds one shape of softmax attention and a `match(node)`.
+
+`match` returns an `AttentionSite` (canonical form), a string (the node is that kind of attention but cannot be a
+site, and why), or None (not this pattern). Adding a shape = adding a module here and a test beside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from . import sdpa
+from .graph import is_op, module_path
+from .site import AttentionSite, Provenance
+
+PATTERNS = [sdpa]
+
+
+@dataclass
+class Unmatched:
+    """A softmax (or attention call) that no pattern turned into a site, and why."""
+
+    node: str
+    module_path: str
+    reason: str
+
+
+def find_sites(graph: fx.Graph) -> tuple[list[AttentionSite], list[Unmatched]]:
+    """Every attention site in the graph, in graph order, and every softmax left alone with a reason."""
+    sites, unmatched, covered = [], [], set()
+    for node in graph.nodes:
+        for pattern in PATTERNS:
+            found = pattern.match(node)
+            if isinstance(found, AttentionSite):
+                sites.append(found)
+                covered.update(found.matched_nodes)
+                break
+            if isinstance(found, str):
+                unmatched.append(Unmatched(node.name, module_path(node), f"{pattern.NAME}: {found}"))
+                covered.add(node)
+                break
+    for node in graph.nodes:
+        if node not in covered and is_op(node, "softmax", "log_softmax", "_softmax"):
+            unmatched.append(Unmatched(node.name, module_path(node),
+                                       "no attention pattern matches this softmax (not attention, or a shape "
+                                       "the library does not know yet)"))
+    return sites, unmatched
+
+
+__all__ = ["AttentionSite", "Provenance", "Unmatched", "find_sites", "PATTERNS"]

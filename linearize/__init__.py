@@ -1,0 +1,14 @@
+"""linearize: turn a pretrained softmax-attention transformer into a gated linear-recurrent or hybrid-window model.
+
+    model = torch.compile(model, backend="linearize")                       # Liger attention everywhere
+    model = torch.compile(model, backend="linearize", options={"rules": "exact"})
+    report = linearize.explain(model, input_ids, rules="liger")
+
+Data flow: Dynamo graph -> `passes` (using `patterns` and `rewrite`) -> rewritten graph -> `lowering` ops -> `kernels`.
+"""
+from .backend import linearize_backend
+from .explain import Report, explain
+from .rewrite import RuleError, available as available_rules
+
+__version__ = "0.1.0"
+__all__ = ["linearize_backend", "explain", "Report", "RuleError", "available_rules"]

@@ -1,0 +1,29 @@
+"""Options of the `linearize` backend: `torch.compile(model, backend="linearize", options={...})`."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass
+class Options:
+    rules: Any = "liger"  # built-in rule-set name, path to a YAML file, or a RuleSet
+    inner: str = "inductor"  # what compiles the rewritten graph; "eager" runs it as is (for debugging)
+    record: Optional[Callable] = None  # called with each graph's PassContext (used by linearize.explain)
+
+    @classmethod
+    def from_dict(cls, options: Optional[dict]) -> "Options":
+        options = dict(options or {})
+        known = [f.name for f in fields(cls)]
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"linearize: unknown option {key!r}{hint}; options: {', '.join(known)}")
+        opts = cls(**options)
+        if opts.inner not in INNER_COMPILERS:
+            raise ValueError(f"linearize: inner must be one of {', '.join(INNER_COMPILERS)}, got {opts.inner!r}")
+        return opts

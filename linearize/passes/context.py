@@ -1,0 +1,19 @@
+"""State shared by the passes over one captured graph."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..rewrite.rules import RuleSet
+
+
+@dataclass
+class PassContext:
+    rules: RuleSet
+    options: Any = None  # linearize.options.Options
+    graph_id: int = 0
+    sites: list = field(default_factory=list)  # AttentionSite, in graph order
+    unmatched: list = field(default_factory=list)  # patterns.Unmatched
+    timings: dict = field(default_factory=dict)  # pass name -> seconds
+    nodes_before: int = 0
+    nodes_after: int = 0

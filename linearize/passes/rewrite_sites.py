@@ -1,0 +1,25 @@
+"""Pass: replace each decided site's output node with the target's replacement."""
+from ..rewrite.targets import TARGETS
+
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+def rewrite_sites(gm, ctx):
+    graph = gm.graph
+    for site in ctx.sites:
+        target = TARGETS[site.rewrite]
+        if target.emit is None:
+            continue
+        old = site.node
+        first_new = old.prev
+        with graph.inserting_before(old):
+            new = target.emit(graph, site, site.params)
+        n = first_new.next
+        while n is not old:  # the replacement's nodes keep the attention's module and source location
+            n.meta.update({k: old.meta[k] for k in _COPIED_META if k in old.meta})
+            n.meta["linearize_site"] = site.layer
+            n = n.next
+        old.replace_all_uses_with(new)
+        graph.erase_node(old)
+        site.node = new
+    return gm

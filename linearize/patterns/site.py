@@ -1,0 +1,82 @@
+"""The one canonical record of a softmax-attention occurrence in a graph.
+
+Every pattern, whatever shape the attention had in the source model (an SDPA call, a hand-written
+matmul/softmax chain, GQA expanded or not), is canonicalised into an `AttentionSite`, so rewrites never see the
+variety: they read q, k, v (k and v at their own number of KV heads), scale, mask and causality from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+
+@dataclass
+class Provenance:
+    """Where a site's q and k came from, found by walking the graph backwards.
+
+    `q_pre_rope` / `k_pre_rope` are the per-head projections before any rotary embedding, in the same
+    [B, H, T, D] layout as the attention inputs (k at its KV-head count). `k_proj` is the `linear` call that
+    produced the keys: the Liger gate is a function of its output, so the gate needs no new parameters.
+    """
+
+    q_pre_rope: fx.Node
+    k_pre_rope: fx.Node
+    k_proj: Optional[fx.Node]
+    k_proj_path: Optional[str]
+    rope: Optional[str]  # "rotate_half", or None when the model applies no rotary embedding
+
+    def describe(self) -> str:
+        rope = self.rope or "none"
+        return f"q<-{self.q_pre_rope.name}, k<-{self.k_pre_rope.name} (k_proj {self.k_proj_path}, rope {rope})"
+
+
+@dataclass
+class AttentionSite:
+    """One matched attention: `out = softmax(scale * q @ k^T + mask) @ v`, heads grouped for GQA."""
+
+    node: fx.Node  # the node whose value is the attention output, [B, Hq, L, Dv]
+    q: fx.Node  # [B, Hq, L, D], after RoPE
+    k: fx.Node  # [B, Hkv, S, D], after RoPE, GQA not expanded
+    v: fx.Node  # [B, Hkv, S, Dv]
+    scale: float
+    is_causal: bool
+    attn_mask: Optional[fx.Node]
+    gqa_groups: int  # query heads per KV head
+    pattern: str  # name of the pattern that matched
+    module_path: str
+    layer: Optional[int]
+    dropout_p: float = 0.0
+    shape: tuple = ()  # (B, Hq, Hkv, L, S, D, Dv) at capture time
+    matched_nodes: list = field(default_factory=list)  # every node the pattern covered, output last
+    provenance: Optional[Provenance] = None
+    provenance_missing: Optional[str] = None  # why provenance could not be found
+    # filled by the rule pass
+    rewrite: Optional[str] = None
+    params: dict = field(default_factory=dict)
+    rule: Optional[str] = None
+    reason: Optional[str] = None  # why the site was kept, when it was
+
+    @property
+    def provenance_found(self) -> bool:
+        return self.provenance is not None
+
+    def summary(self) -> dict:
+        """Plain-data view for reports and JSON."""
+        return {
+            "layer": self.layer,
+            "module_path": self.module_path,
+            "pattern": self.pattern,
+            "shape": dict(zip(("B", "Hq", "Hkv", "L", "S", "D", "Dv"), self.shape)),
+            "scale": self.scale,
+            "is_causal": self.is_causal,
+            "mask": self.attn_mask.name if self.attn_mask is not None else None,
+            "gqa_groups": self.gqa_groups,
+            "provenance": self.provenance.describe() if self.provenance else None,
+            "provenance_missing": self.provenance_missing,
+            "rewrite": self.rewrite,
+            "params": dict(self.params),
+            "rule": self.rule,
+            "reason": self.reason,
+        }

@@ -1,0 +1,90 @@
+"""What a rewritten site computes, as plain functions of tensors.
+
+Each rewrite inserts one call to one of these functions into the FX graph (so a rewritten graph reads like the
+method: `liger_attention(q, k, v, q_pre_rope, k_pre_rope, window=64, ...)`); AOTAutograd traces through them into
+linearize's custom ops (`linearize/lowering/ops.py`) and ordinary aten ops, which Inductor fuses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import linearize.lowering  # noqa: F401  (registers torch.ops.linearize.*)
+
+_DENOMINATOR_EPS = 1e-6
+
+
+def softmax_feature(x: torch.Tensor) -> torch.Tensor:
+    """Liger's feature map: softmax over the head dimension (so q.k lies in (0, 1])."""
+    return torch.softmax(x, dim=-1)
+
+
+def identity_feature(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def elu1_feature(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1
+
+
+def relu_feature(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x)
+
+
+FEATURE_MAPS = {"softmax": softmax_feature, "identity": identity_feature, "elu+1": elu1_feature,
+                "relu": relu_feature}
+
+
+def logsigmoid_gate(k: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Liger's per-channel gate from the key projection: log g = logsigmoid(k) / normalizer (<= 0)."""
+    return F.logsigmoid(k) / normalizer
+
+
+GATES = {"logsigmoid": logsigmoid_gate}
+
+
+def softmax_attention(q, k, v, attn_mask, *, scale: float, is_causal: bool):
+    """The exact rewrite: the same softmax attention, through linearize's op (k, v at KV-head count)."""
+    return torch.ops.linearize.attention(q, k, v, attn_mask, scale, is_causal)
+
+
+def window_attention(q, k, v, *, window: int, scale: float):
+    """Causal sliding-window softmax attention over the last `window` tokens (inclusive)."""
+    return torch.ops.linearize.window_attention(q, k, v, scale, window)
+
+
+def gla_attention(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, feature_map: str, chunk_size: int,
+                  normalize: bool, scale: float = 1.0):
+    """Gated linear attention on pre-RoPE q, k; the state is kept per KV head (GQA-native).
+
+    Everything runs in fp32 (the gate's cumulative sums need it) and returns v's dtype.
+    """
+    phi = FEATURE_MAPS[feature_map]
+    qf, kf = phi(q_pre.float()), phi(k_pre.float())
+    g = GATES[gate](k_pre.float(), gate_normalizer)
+    vf = v.float()
+    if normalize:  # one more value column of ones carries the denominator sum of gated feature weights
+        vf = torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1)
+    o, _state = torch.ops.linearize.gla(qf, kf, vf, g, None, scale, chunk_size)
+    if normalize:
+        o = o[..., :-1] / o[..., -1:].clamp_min(_DENOMINATOR_EPS)
+    return o.to(v.dtype)
+
+
+def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: float, **gla_params):
+    """Liger attention: mix[0] * window softmax (RoPE'd q, k) + mix[1] * gated linear (pre-RoPE q, k)."""
+    w_window, w_linear = mix
+    swa = window_attention(q, k, v, window=window, scale=window_scale)
+    gla = gla_attention(q_pre, k_pre, v, **gla_params)
+    return w_window * swa + w_linear * gla
+
+
+def mask_is_causal(mask: torch.Tensor) -> torch.Tensor:
+    """True iff an explicit SDPA mask [.., L, L] is exactly the causal mask (no padding, no bias)."""
+    L, S = mask.shape[-2:]
+    causal = torch.ones(L, S, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return (mask == causal).all()
+    allowed = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    return ((allowed & causal) | (blocked & ~causal)).all()

@@ -1,0 +1,171 @@
+"""Rewrite targets: for each, its parameters, a `check` that says why a site cannot take it, and an `emit`.
+
+The split follows onnxscript's rewrite rules: `check(site, params)` returns None or a reason (the site then keeps
+softmax attention and the explain report shows the reason); `emit(graph, site, params)` inserts the replacement
+before the site's output node and returns the new node.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from . import replacements as R
+
+GLA_DEFAULTS = {"gate": "logsigmoid", "gate_normalizer": 16.0, "feature_map": "softmax", "chunk_size": 64,
+                "normalize": False, "scale": 1.0}
+WINDOW_DEFAULTS = {"window": 64}
+
+
+@dataclass
+class Target:
+    name: str
+    defaults: dict
+    check: Callable
+    emit: Optional[Callable]  # None: leave the site as it is
+    choices: dict = field(default_factory=dict)  # param -> allowed values
+
+    def resolve_params(self, given: dict) -> dict:
+        """Defaults overlaid with `given`; unknown names, wrong types and bad values raise ValueError."""
+        params = dict(self.defaults)
+        for key, val in given.items():
+            if key not in self.defaults:
+                close = difflib.get_close_matches(str(key), list(self.defaults), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                known = ", ".join(self.defaults) or "none"
+                raise ValueError(f"unknown parameter {key!r} for rewrite {self.name!r}{hint}; parameters: {known}")
+            params[key] = _coerce(key, val, self.defaults[key])
+            if key in self.choices and params[key] not in self.choices[key]:
+                raise ValueError(f"{key}: {val!r} is not one of {', '.join(map(str, self.choices[key]))}")
+        _validate(params)
+        return params
+
+
+def _coerce(key, val, default):
+    if isinstance(default, bool):
+        if not isinstance(val, bool):
+            raise ValueError(f"{key}: expected true or false, got {val!r}")
+        return val
+    if isinstance(default, int) and not isinstance(default, bool):
+        if not isinstance(val, int) or isinstance(val, bool):
+            raise ValueError(f"{key}: expected an integer, got {val!r}")
+        return val
+    if isinstance(default, float):
+        if not isinstance(val, (int, float)) or isinstance(val, bool):
+            raise ValueError(f"{key}: expected a number, got {val!r}")
+        return float(val)
+    if isinstance(default, (list, tuple)):
+        if not (isinstance(val, list) and len(val) == len(default)
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in val)):
+            raise ValueError(f"{key}: expected a list of {len(default)} numbers, got {val!r}")
+        return [float(x) for x in val]
+    if not isinstance(val, type(default)):
+        raise ValueError(f"{key}: expected {type(default).__name__}, got {val!r}")
+    return val
+
+
+def _validate(params: dict) -> None:
+    if params.get("window", 1) < 1:
+        raise ValueError(f"window: must be at least 1, got {params['window']}")
+    chunk = params.get("chunk_size", 16)
+    if chunk < 16 or chunk % 16:
+        raise ValueError(f"chunk_size: must be a positive multiple of 16, got {chunk}")
+    if params.get("gate_normalizer", 1.0) <= 0:
+        raise ValueError("gate_normalizer: must be positive (log gates must stay <= 0)")
+
+
+# ----- checks -------------------------------------------------------------------------------------------------
+
+def _check_exact(site, params) -> Optional[str]:
+    if site.dropout_p:
+        return f"attention dropout (p={site.dropout_p}) is random: re-emitting it would not reproduce the model"
+    return None
+
+
+def _check_causal_self(site) -> Optional[str]:
+    B, Hq, Hkv, L, S, D, Dv = site.shape
+    if L != S:
+        return f"query length {L} differs from key length {S} (decoding with a KV cache is not rewritten)"
+    if not site.is_causal and site.attn_mask is None:
+        return "non-causal attention (encoder or cross attention): window and linear rewrites are causal"
+    return _check_exact(site, params=None)
+
+
+def _check_linear(site, params) -> Optional[str]:
+    why = _check_causal_self(site)
+    if why:
+        return why
+    if site.provenance is None:
+        return f"no provenance for the linear branch: {site.provenance_missing}"
+    return None
+
+
+def _check_window(site, params) -> Optional[str]:
+    return _check_causal_self(site)
+
+
+def _check_liger(site, params) -> Optional[str]:
+    return _check_linear(site, params)
+
+
+def _check_keep(site, params) -> Optional[str]:
+    return None
+
+
+# ----- emission -----------------------------------------------------------------------------------------------
+
+def _guard_mask(graph: fx.Graph, site) -> None:
+    """A causal rewrite of a site with an explicit mask is only right if that mask is causal: check it at run time.
+
+    `torch._assert_async` is side-effectful, so neither FX nor Inductor removes it.
+    """
+    if site.attn_mask is None or site.is_causal:
+        return
+    ok = graph.call_function(R.mask_is_causal, (site.attn_mask,))
+    graph.call_function(torch._assert_async, (ok, f"linearize: the attention mask at {site.module_path} is not "
+                        "purely causal (padding?); this rewrite only supports causal masks. Pass no padded "
+                        "attention_mask, or use rules='exact' or 'keep'."))
+
+
+def _emit_exact(graph, site, params):
+    return graph.call_function(R.softmax_attention, (site.q, site.k, site.v, site.attn_mask),
+                               {"scale": site.scale, "is_causal": site.is_causal})
+
+
+def _emit_window(graph, site, params):
+    _guard_mask(graph, site)
+    return graph.call_function(R.window_attention, (site.q, site.k, site.v),
+                               {"window": params["window"], "scale": site.scale})
+
+
+def _gla_kwargs(params):
+    return {k: params[k] for k in GLA_DEFAULTS}
+
+
+def _emit_gla(graph, site, params):
+    _guard_mask(graph, site)
+    p = site.provenance
+    return graph.call_function(R.gla_attention, (p.q_pre_rope, p.k_pre_rope, site.v), _gla_kwargs(params))
+
+
+def _emit_liger(graph, site, params):
+    _guard_mask(graph, site)
+    p = site.provenance
+    kwargs = {"window": params["window"], "mix": tuple(params["mix"]), "window_scale": site.scale,
+              **_gla_kwargs(params)}
+    return graph.call_function(R.liger_attention, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
+
+
+_GLA_CHOICES = {"gate": tuple(R.GATES), "feature_map": tuple(R.FEATURE_MAPS)}
+
+TARGETS = {
+    "exact": Target("exact", {}, _check_exact, _emit_exact),
+    "keep": Target("keep", {}, _check_keep, None),
+    "swa": Target("swa", dict(WINDOW_DEFAULTS), _check_window, _emit_window),
+    "gla": Target("gla", dict(GLA_DEFAULTS), _check_linear, _emit_gla, _GLA_CHOICES),
+    "liger": Target("liger", {**WINDOW_DEFAULTS, **GLA_DEFAULTS, "mix": [0.5, 0.5]}, _check_liger, _emit_liger,
+                    _GLA_CHOICES),
+}
