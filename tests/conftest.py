@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+def rel_rmse(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """rms(ref - out) / rms(ref), as flash-linear-attention measures kernel error."""
+    ref, out = ref.double(), out.double()
+    return ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: no cache entry or recompile limit carries over between tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from linearize.models import load_smollm2
+
+    try:
+        return load_smollm2()
+    except (FileNotFoundError, ImportError) as exc:  # the model package is an explicit install step
+        pytest.skip(f"SmolLM2 not installed: {exc}")

@@ -1,0 +1,100 @@
+"""Pattern matching and provenance on Dynamo graphs of real transformers architectures and on negatives."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import linearize
+from linearize.models import tiny_model
+from conftest import ARCHS
+
+
+def _ids(model, T=12, B=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("with_mask", [False, True], ids=["causal", "explicit-mask"])
+def test_every_layer_is_one_site_with_provenance(arch, with_mask):
+    model = tiny_model(arch)
+    ids = _ids(model)
+    kwargs = {"attention_mask": torch.ones_like(ids)} if with_mask else {}
+    report = linearize.explain(model, ids, rules="keep", **kwargs)
+    cfg = model.config
+    assert [s.layer for s in report.sites] == list(range(cfg.num_hidden_layers))
+    for site in report.sites:
+        B, Hq, Hkv, L, S, D, Dv = site.shape
+        assert (Hq, Hkv, L, S) == (cfg.num_attention_heads, cfg.num_key_value_heads, 12, 12)
+        assert site.gqa_groups == cfg.num_attention_heads // cfg.num_key_value_heads
+        assert site.is_causal != with_mask and (site.attn_mask is not None) == with_mask
+        assert site.provenance_found, site.provenance_missing
+        assert site.provenance.k_proj_path == f"{site.module_path}.k_proj"
+        assert site.provenance.rope == "rotate_half"
+        assert site.scale == pytest.approx(cfg.head_dim ** -0.5)
+    assert report.unmatched == []
+
+
+class ClassifierWithSoftmax(nn.Module):
+    """A softmax over class logits: not attention, must never be matched."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return torch.softmax(self.proj(x), dim=-1)
+
+
+def test_softmax_that_is_not_attention_is_left_alone_with_a_reason():
+    model = ClassifierWithSoftmax()
+    x = torch.randn(2, 16)
+    with pytest.warns(UserWarning, match="no softmax attention"):
+        report = linearize.explain(model, x)
+    assert report.sites == []
+    assert len(report.unmatched) == 1 and "no attention pattern" in report.unmatched[0].reason
+
+
+class BrokenAttention(nn.Module):
+    """Projections and RoPE-free SDPA separated by a graph break: the SDPA graph has no projection in it."""
+
+    def __init__(self, d=32, h=2):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        split = lambda t: t.view(B, T, self.h, d // self.h).transpose(1, 2)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
+
+
+def test_graph_break_inside_attention_keeps_softmax_and_says_why():
+    torch.manual_seed(0)
+    model = BrokenAttention().eval()
+    x = torch.randn(1, 8, 32)
+    report = linearize.explain(model, x, rules="liger")
+    (site,) = report.sites
+    assert not site.provenance_found and "graph break" in site.provenance_missing
+    assert site.rewrite == "keep" and "provenance" in site.reason
+    compiled = torch.compile(model, backend="linearize", options={"inner": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+
+
+def test_window_rewrite_still_applies_across_a_graph_break():
+    """SWA needs no provenance (it uses the RoPE'd q, k the site already has)."""
+    torch.manual_seed(0)
+    model = BrokenAttention().eval()
+    report = linearize.explain(model, torch.randn(1, 8, 32), rules="swa")
+    assert [s.rewrite for s in report.sites] == ["swa"]
+
+
+def test_passes_report_their_time():
+    model = tiny_model("llama")
+    report = linearize.explain(model, _ids(model), rules="liger")
+    ctx = report.contexts[0]
+    assert list(ctx.timings) == ["find_attention", "trace_provenance", "apply_rules", "rewrite_sites", "cleanup"]
+    assert 0 < report.pass_seconds < 5
