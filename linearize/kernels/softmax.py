@@ -61,8 +61,14 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = No
                   scale: float | None = None, is_causal: bool = False) -> tuple[Tensor, Tensor]:
     """Returns (o [B, Hq, L, Dv] in q.dtype, lse [B, Hq, L] in fp32/fp64)."""
     scores, _, _ = _masked_scores(q, k, attn_mask, scale, is_causal)
-    p, lse = _probabilities(scores)
-    o = p @ v.to(p.dtype).unsqueeze(2)
+    # Normalise after the value product, as SDPA's CPU kernel does: same math, and the rounding order that
+    # makes `exact` reproduce a model's logits most closely.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = row_max.masked_fill(torch.isneginf(row_max), 0.0)
+    weights = (scores - row_max).exp()
+    total = weights.sum(dim=-1, keepdim=True)
+    o = (weights @ v.to(weights.dtype).unsqueeze(2)) / total.masked_fill(total == 0, 1.0)
+    lse = row_max + total.log()
     return o.flatten(1, 2).to(q.dtype), lse.squeeze(-1).flatten(1, 2)
 
 
