@@ -1,0 +1,231 @@
+"""Evaluation text and perplexity.
+
+The text is CPython's own ``LICENSE.txt``: about 14 KB (roughly 3,000 SmolLM2 tokens) of real
+English prose -- the history of Python (CWI, CNRI, BeOpen, Zope, the PSF) followed by the licence
+agreements -- that every CPython installation carries next to its standard library
+(``<stdlib>/LICENSE.txt``: python.org builds, pyenv, Debian/Ubuntu's python3.X, conda, the official
+Docker images; ``<prefix>/LICENSE.txt`` on Windows). So it is there, offline, on every machine that
+can run linearize, it is not a file of our own repository (we cannot tune the model or the rules to
+it), and it is not synthetic: its perplexity means something.
+
+Fallback, for stripped-down Pythons that delete the file: the top-level ``LICENSE`` of the installed
+``torch`` distribution (a hard dependency of linearize, so it is there too), which is also English
+prose (BSD licence plus contributor history). :func:`english_text_source` says which file was used.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import pathlib
+import sys
+import sysconfig
+from typing import Any, Callable, Iterable
+
+import torch
+
+__all__ = ["english_text", "english_text_source", "english_token_ids", "perplexity", "nll_per_token"]
+
+
+def _python_license_candidates() -> Iterable[pathlib.Path]:
+    ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    seen: set[pathlib.Path] = set()
+    roots = []
+    for key in ("stdlib", "platstdlib"):
+        try:
+            roots.append(pathlib.Path(sysconfig.get_paths()[key]))
+        except (KeyError, TypeError):
+            pass
+    for prefix in (sys.base_prefix, sys.prefix, sys.exec_prefix):
+        roots += [
+            pathlib.Path(prefix) / "lib" / ver,
+            pathlib.Path(prefix) / "lib64" / ver,
+            pathlib.Path(prefix) / "Lib",
+            pathlib.Path(prefix),
+        ]
+    roots.append(pathlib.Path("/usr/lib") / ver)
+    for root in roots:
+        p = root / "LICENSE.txt"
+        if p not in seen:
+            seen.add(p)
+            yield p
+
+
+def _torch_license_candidates() -> Iterable[pathlib.Path]:
+    try:
+        files = importlib.metadata.files("torch") or ()
+    except importlib.metadata.PackageNotFoundError:
+        return
+    for f in files:
+        # the top-level licence only, not third_party/*/LICENSE
+        parts = f.parts
+        if len(parts) >= 2 and parts[0].endswith(".dist-info") and f.name in ("LICENSE", "LICENSE.txt"):
+            if "third_party" not in parts:
+                yield pathlib.Path(f.locate())
+
+
+def english_text_source() -> pathlib.Path:
+    """The file :func:`english_text` reads: CPython's ``LICENSE.txt``, else torch's ``LICENSE``."""
+    for candidates in (_python_license_candidates(), _torch_license_candidates()):
+        for p in candidates:
+            try:
+                if p.is_file() and p.stat().st_size > 1000:
+                    return p
+            except OSError:
+                continue
+    raise FileNotFoundError(
+        "No English text found: neither CPython's LICENSE.txt (next to the standard library) "
+        "nor torch's dist-info LICENSE is installed."
+    )
+
+
+def english_text() -> str:
+    """A real English text that ships offline with every Python: CPython's ``LICENSE.txt``.
+
+    ~14 KB of prose on the history of Python and its licences, read from next to the standard
+    library (see the module docstring for why this file and for the fallback). Not part of this
+    repository, so nothing in linearize is fitted to it.
+    """
+    return english_text_source().read_text(encoding="utf-8", errors="replace")
+
+
+def english_token_ids(tokenizer, n: int | None = None, repeat: bool = False) -> torch.Tensor:
+    """:func:`english_text` tokenized, shape ``(1, n)``.
+
+    ``n=None``: all of it (about 3,800 SmolLM2 tokens). With ``n`` larger than the text, ``repeat=True``
+    repeats the text (separated by a blank line) until there are ``n`` tokens -- fine for timing, not
+    for perplexity; ``repeat=False`` raises instead.
+    """
+    ids = tokenizer(english_text(), return_tensors="pt", add_special_tokens=False).input_ids
+    if n is None:
+        return ids
+    if ids.shape[1] < n:
+        if not repeat:
+            raise ValueError(f"english_text() has only {ids.shape[1]} tokens, {n} asked (pass repeat=True)")
+        sep = tokenizer("\n\n", return_tensors="pt", add_special_tokens=False).input_ids
+        unit = torch.cat([ids, sep], dim=1)
+        ids = unit.repeat(1, -(-n // unit.shape[1]))
+    return ids[:, :n].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Perplexity
+# ----------------------------------------------------------------------------------------------
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, (tuple, list)) and out:
+        logits = out[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"perplexity: the model returned {type(out).__name__} without .logits")
+    return logits
+
+
+def _default_call_kwargs(model: Any) -> dict:
+    # transformers models: no KV cache for a plain scoring forward (also keeps compiled graphs
+    # free of cache updates). `config` is reached through torch.compile's OptimizedModule too.
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        return {"use_cache": False}
+    return {}
+
+
+def _as_2d(input_ids: Any) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2:
+        raise ValueError(f"perplexity: input_ids must be 1-D or (batch, seq), got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        ids = ids.long()
+    return ids
+
+
+@torch.no_grad()
+def nll_per_token(
+    model: Callable,
+    input_ids: Any,
+    window: int = 512,
+    stride: int | None = None,
+    **call_kwargs,
+) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) and the number of tokens it covers.
+
+    See :func:`perplexity` for the windowing; ``perplexity = exp(nll_sum / count)``.
+    """
+    ids = _as_2d(input_ids)
+    batch, seq = ids.shape
+    if window < 2:
+        raise ValueError("perplexity: window must be at least 2 tokens")
+    stride = window if stride is None else int(stride)
+    if not 1 <= stride <= window:
+        raise ValueError(f"perplexity: stride must be in [1, window={window}], got {stride}")
+    if seq < 2:
+        raise ValueError("perplexity: need at least 2 tokens")
+    kwargs = {**_default_call_kwargs(model), **call_kwargs}
+    try:
+        device = next(model.parameters()).device  # type: ignore[attr-defined]
+    except (AttributeError, StopIteration, TypeError):
+        device = ids.device
+    ids = ids.to(device)
+
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    scored_until = 1  # positions [1, scored_until) already have their NLL counted (0 never can)
+    begin = 0
+    while scored_until < seq:
+        end = min(begin + window, seq)
+        chunk = ids[:, begin:end]
+        logits = _logits_of(model(chunk, **kwargs)).float()
+        # logits[:, j] predicts token begin+j+1; score the targets not scored yet
+        first_target = max(scored_until, begin + 1)
+        pred = logits[:, first_target - begin - 1 : end - begin - 1]
+        target = chunk[:, first_target - begin :]
+        if target.numel():
+            logp = torch.log_softmax(pred, dim=-1)
+            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            total += nll.double().sum().cpu()
+            count += target.numel()
+        scored_until = end
+        if end == seq:
+            break
+        begin = begin + stride if stride < window else end
+    return float(total), count
+
+
+def perplexity(
+    model: Callable,
+    input_ids: Any,
+    window: int = 512,
+    stride: int | None = None,
+    **call_kwargs,
+) -> float:
+    """Next-token perplexity of ``model`` on ``input_ids``, in fp32 under ``torch.no_grad``.
+
+    ``model`` is any callable taking a ``(batch, tokens)`` LongTensor and returning an object with
+    ``.logits`` (a transformers model, a ``torch.compile``'d one, a plain ``nn.Module``; a bare
+    logits tensor is accepted too). transformers models are called with ``use_cache=False``; extra
+    ``call_kwargs`` are passed on.
+
+    ``input_ids``: 1-D or ``(batch, seq)``.
+
+    Windowing: with ``stride=None`` the sequence is cut into non-overlapping windows of ``window``
+    tokens (the last may be shorter), each scored independently; the first token of every window
+    has no context and is not scored, so ``seq - ceil(seq / window)`` tokens per row are scored.
+    With ``stride`` (``1 <= stride <= window``) windows of ``window`` tokens start every ``stride``
+    tokens and each scores only the tokens not scored by an earlier window (the sliding-window
+    evaluation from the transformers docs), so every token after the first is scored once, with at
+    least ``window - stride`` tokens of context.
+
+    Returns ``exp(mean NLL)`` over all scored tokens (a model with uniform logits scores exactly the
+    vocabulary size).
+    """
+    total, count = nll_per_token(model, input_ids, window=window, stride=stride, **call_kwargs)
+    if count == 0:
+        raise ValueError("perplexity: no token was scored")
+    return math.exp(total / count)

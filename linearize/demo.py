@@ -1,0 +1,337 @@
+"""End-to-end demo on the CPU: linearize SmolLM2-135M-Instruct and show what changed.
+
+    python -c "from linearize.demo import run_demo; run_demo()"
+
+Prints, with rich:
+  (a) the attention sites found per layer and what each rule set rewrites them to (``linearize.explain``),
+  (b) the ``exact`` rule set's max |logit difference| against the original model (must be ~0),
+  (c) perplexity of the original model and of each rule set on :func:`linearize.data.english_text`,
+  (d) prefill time (one forward, no grad, after one warm-up) of the original vs the converted model,
+  (e) compile time per rule set,
+and returns every number in a dict.
+
+The original model is the transformers model as loaded (eager, SDPA attention). Converted models are
+``torch.compile(model, backend="linearize", options={"rules": r}, dynamic=False)``: static shapes, so the
+perplexity length and the prefill length each compile once (the second is reported as ``recompile_s``).
+The original is timed at the start and again right after each converted model (the machine's load
+drifts; we report its best time, all of them under ``prefill_original_all_s``).
+Prefill calls pass ``logits_to_keep=1`` as ``generate`` does (only the last position's logits are needed),
+so the timing is the transformer stack, not a ``tokens x 49152`` output projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Sequence
+
+import torch
+
+from .data import english_text_source, english_token_ids, perplexity
+
+__all__ = ["run_demo", "time_forward", "compile_linearized", "require_backend"]
+
+BACKEND = "linearize"
+PREFILL_KWARGS = {"use_cache": False, "logits_to_keep": 1}
+SCORE_KWARGS = {"use_cache": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared with bench/prefill.py
+# ----------------------------------------------------------------------------------------------
+
+
+def require_backend():
+    """Import-time guards: the explain API and the registered Dynamo backend. Returns ``linearize.explain``."""
+    try:
+        from linearize import explain  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            f"linearize.explain is not importable ({exc}); the demo needs the backend package "
+            "(linearize/backend.py, linearize/explain.py)"
+        ) from exc
+    from torch._dynamo.backends.registry import lookup_backend
+
+    try:
+        lookup_backend(BACKEND)
+    except Exception as exc:  # InvalidBackend
+        raise RuntimeError(
+            f"the Dynamo backend {BACKEND!r} is not registered ({type(exc).__name__}); it is registered "
+            "through the torch_dynamo_backends entry point: install the package with `pip install -e .`"
+        ) from exc
+    return explain
+
+
+def compile_linearized(model, rules: str):
+    """``torch.compile(model, backend="linearize", options={"rules": rules}, dynamic=False)``."""
+    if rules == "liger":  # the default rule set: the backend name alone is enough
+        return torch.compile(model, backend=BACKEND, dynamic=False)
+    return torch.compile(model, backend=BACKEND, options={"rules": rules}, dynamic=False)
+
+
+@torch.no_grad()
+def time_forward(model, ids: torch.Tensor, warmup: int = 1, repeats: int = 1, **kwargs) -> dict:
+    """Wall time of ``model(ids, **kwargs)``: ``warmup`` untimed calls (the first may compile), then ``repeats``.
+
+    Returns ``{"first_s": first warm-up call, "times_s": [...], "best_s", "median_s"}``.
+    """
+    first = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        model(ids, **kwargs)
+        if i == 0:
+            first = time.perf_counter() - t0
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        model(ids, **kwargs)
+        times.append(time.perf_counter() - t0)
+    s = sorted(times)
+    return {"first_s": first, "times_s": times, "best_s": s[0], "median_s": s[len(s) // 2]}
+
+
+def _is_rewritten(rewrite: Any) -> bool:
+    return rewrite not in (None, "", "keep")
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo
+# ----------------------------------------------------------------------------------------------
+
+
+def _normalise_option_name() -> str | None:
+    """The backend option that turns on the normalised linear branch, if the backend has one."""
+    try:
+        from dataclasses import fields
+
+        from linearize.options import Options
+    except ImportError:
+        return None
+    names = {f.name for f in fields(Options)}
+    for cand in ("normalize", "normalise", "normalized", "normalised"):
+        if cand in names:
+            return cand
+    return None
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def run_demo(
+    rules: Sequence[str] = ("liger", "swa", "gla"),
+    prefill_tokens: int = 4096,
+    ppl_tokens: int = 512,
+    console=None,
+) -> dict:
+    """Convert SmolLM2 with each rule set in ``rules`` and report sites, exactness, perplexity, speed.
+
+    ``ppl_tokens``: perplexity is measured on the first ``ppl_tokens`` tokens of ``english_text()`` in one
+    window (at most the ~3,800 tokens the text has). ``prefill_tokens``: length of the timed prefill
+    (the text repeated as needed). Returns a dict with keys ``model``, ``text``, ``sites``, ``exact``,
+    ``perplexity``, ``prefill_s``, ``prefill_speedup`` (original time / converted time), ``compile_s``,
+    ``recompile_s``, ``skipped``.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .models import load_smollm2
+
+    console = console or Console()
+    rules = tuple(rules)
+    explain = require_backend()
+    norm_opt = _normalise_option_name()
+    variants: list[tuple[str, str, dict]] = [(r, r, {"rules": r}) for r in rules]
+    skipped: dict[str, str] = {}
+    if "liger" in rules:
+        if norm_opt:
+            variants.insert(rules.index("liger") + 1, ("liger, normalised", "liger", {"rules": "liger", norm_opt: True}))
+        else:
+            skipped["liger, normalised"] = "the backend has no normalise option"
+
+    out: dict[str, Any] = {"rules": list(rules), "skipped": skipped}
+    steps = 2 + len(rules) + 1 + 2 * len(variants)
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=console, transient=True,
+    )
+    say = progress.console.print
+
+    with progress:
+        task = progress.add_task("loading SmolLM2-135M-Instruct (GGUF, offline)", total=steps)
+
+        def step(desc: str | None = None):
+            progress.advance(task)
+            if desc:
+                progress.update(task, description=desc)
+
+        # -- model and text ---------------------------------------------------------------------
+        t0 = time.perf_counter()
+        model, tok = load_smollm2()
+        load_s = time.perf_counter() - t0
+        cfg = model.config
+        out["model"] = {
+            "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", "load_s": load_s,
+            "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+            "head_dim": getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
+            "attn_implementation": cfg._attn_implementation, "threads": torch.get_num_threads(),
+        }
+        all_ids = english_token_ids(tok)
+        n_ppl = min(ppl_tokens, all_ids.shape[1])
+        ppl_ids = all_ids[:, :n_ppl]
+        pre_ids = english_token_ids(tok, prefill_tokens, repeat=True)
+        out["text"] = {"source": str(english_text_source()), "tokens": all_ids.shape[1], "ppl_tokens": n_ppl,
+                       "prefill_tokens": pre_ids.shape[1]}
+        say(f"[bold]SmolLM2-135M-Instruct[/] loaded in {load_s:.1f} s: {cfg.num_hidden_layers} layers, "
+            f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, attention {cfg._attn_implementation!r}; "
+            f"text: {english_text_source().name} ({all_ids.shape[1]} tokens), {torch.get_num_threads()} threads")
+        step("original model: perplexity and prefill")
+
+        # -- original model -----------------------------------------------------------------------
+        with torch.no_grad():
+            ref_logits = model(ppl_ids, **SCORE_KWARGS).logits
+        ppl = {"original": perplexity(model, ppl_ids, window=n_ppl)}
+        t_orig = time_forward(model, pre_ids, warmup=1, repeats=1, **PREFILL_KWARGS)
+        orig_times = [t_orig["best_s"]]  # the original is timed again next to each converted model
+        step()
+
+        # -- (a) sites ------------------------------------------------------------------------------
+        sites: dict[str, list] = {}
+        for r in rules:
+            progress.update(task, description=f"linearize.explain(rules={r!r})")
+            rep = explain(model, ppl_ids, rules=r, **SCORE_KWARGS)
+            sites[r] = rep.sites
+            step()
+        out["sites"] = {
+            r: [{"layer": s.layer, "module_path": s.module_path, "rewrite": s.rewrite,
+                 "provenance_found": bool(getattr(s, "provenance_found", s.provenance is not None))} for s in ss]
+            for r, ss in sites.items()
+        }
+        say(_sites_table(sites, Table))
+
+        # -- (b) exact --------------------------------------------------------------------------------
+        progress.update(task, description="rules='exact': compile and compare logits")
+        torch._dynamo.reset()
+        compiled = compile_linearized(model, "exact")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ex_logits = compiled(ppl_ids, **SCORE_KWARGS).logits
+        first = time.perf_counter() - t0
+        t_run = time_forward(compiled, ppl_ids, warmup=0, repeats=1, **SCORE_KWARGS)["best_s"]
+        diff = (ex_logits.float() - ref_logits.float()).abs().max().item()
+        out["exact"] = {"max_abs_logit_diff": diff, "compile_s": max(first - t_run, 0.0),
+                        "argmax_agreement": (ex_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()}
+        del compiled, ex_logits
+        torch._dynamo.reset()
+        ok = diff < 1e-3
+        say(f"(b) rules='exact': max |logit diff| vs original = [{'green' if ok else 'red'}]{diff:.3g}[/] over "
+            f"{n_ppl} tokens x {cfg.vocab_size} logits; argmax agreement {out['exact']['argmax_agreement']:.4f}")
+        step()
+
+        # -- (c)-(e) per rule set --------------------------------------------------------------------
+        prefill: dict[str, float] = {}
+        compile_s: dict[str, float] = {"exact": out["exact"]["compile_s"]}
+        recompile_s: dict[str, float] = {}
+        for label, _r, opts in variants:
+            progress.update(task, description=f"{label}: compile + perplexity ({n_ppl} tokens)")
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend=BACKEND, options=opts, dynamic=False)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                compiled(ppl_ids, **SCORE_KWARGS)
+            first = time.perf_counter() - t0
+            t_run = time_forward(compiled, ppl_ids, warmup=0, repeats=1, **SCORE_KWARGS)["best_s"]
+            compile_s[label] = max(first - t_run, 0.0)
+            ppl[label] = perplexity(compiled, ppl_ids, window=n_ppl)
+            step(f"{label}: prefill {pre_ids.shape[1]} tokens")
+            t = time_forward(compiled, pre_ids, warmup=1, repeats=1, **PREFILL_KWARGS)
+            prefill[label] = t["best_s"]
+            # the original once more, right after: on a shared machine, load drifts between minutes
+            orig_times.append(time_forward(model, pre_ids, warmup=0, repeats=1, **PREFILL_KWARGS)["best_s"])
+            recompile_s[label] = max(t["first_s"] - t["best_s"], 0.0)
+            del compiled
+            torch._dynamo.reset()
+            step()
+
+    out["perplexity"] = ppl
+    prefill = {"original": min(orig_times), **prefill}
+    out["prefill_s"] = prefill
+    out["prefill_original_all_s"] = orig_times
+    out["prefill_speedup"] = {k: prefill["original"] / v for k, v in prefill.items() if k != "original"}
+    out["compile_s"] = compile_s
+    out["recompile_s"] = recompile_s
+
+    # -- tables ----------------------------------------------------------------------------------------
+    t = Table(title=f"(c) perplexity on {english_text_source().name}, first {n_ppl} tokens, one window")
+    t.add_column("model")
+    t.add_column("perplexity", justify="right")
+    t.add_column("x original", justify="right")
+    for k, v in ppl.items():
+        t.add_row(k, f"{v:.2f}", "1" if k == "original" else f"{v / ppl['original']:.2f}")
+    for k, why in skipped.items():
+        t.add_row(k, "skipped", why)
+    console.print(t)
+
+    t = Table(title=f"(d) prefill, {pre_ids.shape[1]} tokens, batch 1, one forward after a warm-up, "
+                    f"{torch.get_num_threads()} CPU threads",
+              caption=f"original: best of {len(orig_times)} timings taken between the others")
+    t.add_column("model")
+    t.add_column("seconds", justify="right")
+    t.add_column("tokens/s", justify="right")
+    t.add_column("speed-up vs original", justify="right")
+    for k, v in prefill.items():
+        t.add_row(k, f"{v:.2f}", f"{pre_ids.shape[1] / v:,.0f}",
+                  "1" if k == "original" else f"{prefill['original'] / v:.2f}x")
+    console.print(t)
+
+    t = Table(title="(e) compile time (first call minus one steady call)")
+    t.add_column("rules")
+    t.add_column(f"compile at {n_ppl} tokens, s", justify="right")
+    t.add_column(f"recompile at {pre_ids.shape[1]} tokens, s", justify="right")
+    for k, v in compile_s.items():
+        t.add_row(k, f"{v:.1f}", _fmt(recompile_s.get(k), ".1f"))
+    console.print(t)
+    return out
+
+
+def _sites_table(sites: dict, Table) -> Any:
+    """(a): one row per layer, a column per rule set with that rule set's rewrite of the layer's site(s)."""
+    rules = list(sites)
+    by_layer: dict[Any, dict] = {}
+    for r, ss in sites.items():
+        for s in ss:
+            row = by_layer.setdefault(s.layer, {"paths": [], "prov": [], "rw": {}})
+            if s.module_path not in row["paths"]:
+                row["paths"].append(s.module_path)
+            found = bool(getattr(s, "provenance_found", s.provenance is not None))
+            row["prov"].append(found)
+            row["rw"].setdefault(r, []).append(s.rewrite or "-")
+    t = Table(title="(a) attention sites per layer and their rewrite under each rule set (linearize.explain)",
+              caption="total: sites found / rewritten (not kept as softmax)")
+    t.add_column("layer", justify="right", no_wrap=True)
+    t.add_column("module", no_wrap=True)
+    t.add_column("provenance", no_wrap=True)
+    for r in rules:
+        t.add_column(r)
+    for layer in sorted(by_layer, key=lambda x: (x is None, x if x is not None else 0)):
+        row = by_layer[layer]
+        prov = "found" if all(row["prov"]) else ("missing" if not any(row["prov"]) else "partial")
+        t.add_row("-" if layer is None else str(layer), ", ".join(row["paths"]), prov,
+                  *(", ".join(row["rw"].get(r, ["(none)"])) for r in rules))
+    t.add_section()
+    t.add_row("total", f"{len(by_layer)} layers", "",
+              *(f"{len(sites[r])} / {sum(_is_rewritten(s.rewrite) for s in sites[r])}" for r in rules))
+    return t
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rules", nargs="+", default=["liger", "swa", "gla"])
+    ap.add_argument("--prefill-tokens", type=int, default=4096)
+    ap.add_argument("--ppl-tokens", type=int, default=512)
+    a = ap.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        run_demo(tuple(a.rules), a.prefill_tokens, a.ppl_tokens)
