@@ -24,7 +24,7 @@ def _single_thread():
 
 EXPECTED_SCHEMAS = {
     "attention": "linearize::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
-                 "float scale, bool is_causal) -> Tensor",
+                 "float scale, bool is_causal, float softcap=0., Tensor? sinks=None) -> Tensor",
     "window_attention": "linearize::window_attention(Tensor q, Tensor k, Tensor v, float scale, "
                         "int window) -> Tensor",
     "gla": "linearize::gla(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, "
@@ -104,6 +104,9 @@ def _opcheck_cases():
         "window_attention": (ops.window_attention.default, (wq, wk, wv, 0.5, 4)),
         "attention-causal": (ops.attention.default, (wq, wk, wv, None, 0.5, True)),
         "attention-bool-mask": (ops.attention.default, (wq, wk, wv, mask, 0.5, False)),
+        "attention-softcap-sinks": (ops.attention.default,
+                                    (wq, wk, wv, None, 0.5, True, 3.0,
+                                     torch.randn(4, 1, 1, requires_grad=True))),
         # Backward ops have no autograd formula of their own (no double backward), so their
         # inputs do not require grad; the autograd-registration sub-test then has nothing to check.
         "gla_backward": (ops.gla_backward.default,
@@ -113,7 +116,7 @@ def _opcheck_cases():
                                        wv.detach(), 0.5, 4)),
         "attention_backward": (ops.attention_backward.default,
                                (torch.randn(1, 4, 10, 3), wq.detach(), wk.detach(), wv.detach(),
-                                mask, 0.5, True)),
+                                mask, 0.5, True, 0.0, None)),
     }
 
 
@@ -223,3 +226,32 @@ def test_dispatch_routes_to_preferred_backend_and_respects_devices():
     assert dispatch.kernels("window_attention", "cpu") is reference
     with pytest.raises(KeyError):
         dispatch.register("not_an_op", "x", None, None)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 2.5])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_attention_softcap_and_sinks_match_reference(softcap, with_sinks):
+    """gemma2 soft-capping and gpt-oss sinks through the exact op: forward and gradients vs the quadratic form."""
+    from linearize.kernels.naive import naive_softmax_attention
+
+    torch.manual_seed(3)
+    q = torch.randn(2, 6, 11, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 11, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 11, 5, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(6, 1, 1, dtype=torch.float64, requires_grad=True) if with_sinks else None
+    mask = torch.rand(2, 1, 11, 11) > 0.3
+    args = (q, k, v) + ((sinks,) if with_sinks else ())
+
+    def ours(q, k, v, *s):
+        return ops.attention(q, k, v, mask, 0.7, True, softcap, s[0] if s else None)
+
+    def ref(q, k, v, *s):
+        return naive_softmax_attention(q, k, v, mask, 0.7, True, softcap=softcap, sinks=s[0] if s else None)
+
+    torch.testing.assert_close(ours(*args), ref(*args))
+    do = torch.randn_like(ours(*args))
+    g_ours = torch.autograd.grad(ours(*args), args, do)
+    g_ref = torch.autograd.grad(ref(*args), args, do)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(ours, args)

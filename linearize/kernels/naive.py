@@ -48,10 +48,13 @@ def naive_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float,
 
 def naive_softmax_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                             scale: float | None = None, is_causal: bool = False,
-                            window: int | None = None) -> Tensor:
+                            window: int | None = None, softcap: float = 0.0,
+                            sinks: Tensor | None = None) -> Tensor:
     """Quadratic masked softmax attention with SDPA semantics (enable_gqa=True).
 
     `window` adds a causal sliding window: query i sees keys j with i - window < j <= i.
+    `softcap` caps scores as cap * tanh(scores / cap) before masking; `sinks` (broadcastable to
+    [B, Hq, L, 1]) are extra softmax columns whose value vectors are zero.
     Fully masked rows return 0, like SDPA's math path.
     """
     acc = _compute_dtype(q)
@@ -61,6 +64,8 @@ def naive_softmax_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
     qf = q.to(acc)
     kf, vf = _repeat_kv(k.to(acc), groups), _repeat_kv(v.to(acc), groups)
     scores = scale * qf @ kf.transpose(-1, -2)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device)
     rows = torch.arange(q_len, device=q.device)[:, None]
     cols = torch.arange(kv_len, device=q.device)[None, :]
@@ -74,6 +79,10 @@ def naive_softmax_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
         else:
             scores = scores + attn_mask.to(acc)
     scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink_col = sinks.to(acc).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
+        return (probs @ vf).to(q.dtype)
     row_dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(row_dead, 0.0), dim=-1).masked_fill(row_dead, 0.0)
     return (probs @ vf).to(q.dtype)

@@ -28,8 +28,9 @@ def _grouped_mask(mask: Tensor, hq: int, hkv: int) -> Tensor:
 
 
 def _masked_scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float | None,
-                   is_causal: bool) -> tuple[Tensor, Tensor, float]:
-    """Scores [B, Hkv, G, L, S] with -inf where a key is hidden; also q grouped and the scale."""
+                   is_causal: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor, float, Tensor | None]:
+    """Scores [B, Hkv, G, L, S] with -inf where a key is hidden; also q grouped, the scale, and (with soft-capping)
+    tanh of the capped scores, which the backward needs."""
     acc = _acc_dtype(q)
     batch, hq, q_len, head_dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[-2]
@@ -38,6 +39,10 @@ def _masked_scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float 
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     grouped_q = q.to(acc).unflatten(1, (hkv, hq // hkv))
     scores = scale * (grouped_q @ k.to(acc).unsqueeze(2).transpose(-1, -2))
+    tanh = None
+    if softcap:  # gemma2: scores = cap * tanh(scores / cap), before the mask
+        tanh = torch.tanh(scores / softcap)
+        scores = softcap * tanh
     if attn_mask is not None:
         mask = _grouped_mask(attn_mask, hq, hkv)
         if mask.dtype == torch.bool:
@@ -47,43 +52,71 @@ def _masked_scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float 
     if is_causal:
         hidden = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(hidden, float("-inf"))
-    return scores, grouped_q, scale
+    return scores, grouped_q, scale, tanh
 
 
-def _probabilities(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax rows and their log-sum-exp; rows with every key hidden give zeros, lse -inf."""
-    lse = scores.logsumexp(dim=-1, keepdim=True)
-    safe_lse = lse.masked_fill(torch.isneginf(lse), 0.0)
-    return (scores - safe_lse).exp(), lse
+def _grouped_sinks(sinks: Tensor | None, q: Tensor, hkv: int, acc: torch.dtype) -> Tensor | None:
+    """Sink logits broadcast to [B, Hkv, G, L, 1]."""
+    if sinks is None:
+        return None
+    b, hq, length = q.shape[:3]
+    return sinks.to(acc).expand(b, hq, length, 1).unflatten(1, (hkv, hq // hkv))
+
+
+def _row_stats(scores: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Row max (0 for rows with nothing visible) and log-sum-exp, sinks joining the denominator."""
+    row_max = scores.amax(dim=-1, keepdim=True)
+    if sinks is not None:
+        row_max = torch.maximum(row_max, sinks)
+    row_max = row_max.masked_fill(torch.isneginf(row_max), 0.0)
+    total = (scores - row_max).exp().sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        total = total + (sinks - row_max).exp()
+    return row_max, total
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
-                  scale: float | None = None, is_causal: bool = False) -> tuple[Tensor, Tensor]:
-    """Returns (o [B, Hq, L, Dv] in q.dtype, lse [B, Hq, L] in fp32/fp64)."""
-    scores, _, _ = _masked_scores(q, k, attn_mask, scale, is_causal)
+                  scale: float | None = None, is_causal: bool = False, softcap: float = 0.0,
+                  sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Returns (o [B, Hq, L, Dv] in q.dtype, lse [B, Hq, L] in fp32/fp64).
+
+    `sinks` ([Hq] logits broadcastable to [B, Hq, L, 1]) join each row's softmax denominator with a zero value
+    vector (gpt-oss attention sinks).
+    """
+    scores, _, _, _ = _masked_scores(q, k, attn_mask, scale, is_causal, softcap)
+    sink = _grouped_sinks(sinks, q, k.shape[1], scores.dtype)
     # Normalise after the value product, as SDPA's CPU kernel does: same math, and the rounding order that
     # makes `exact` reproduce a model's logits most closely.
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = row_max.masked_fill(torch.isneginf(row_max), 0.0)
+    row_max, total = _row_stats(scores, sink)
     weights = (scores - row_max).exp()
-    total = weights.sum(dim=-1, keepdim=True)
     o = (weights @ v.to(weights.dtype).unsqueeze(2)) / total.masked_fill(total == 0, 1.0)
     lse = row_max + total.log()
     return o.flatten(1, 2).to(q.dtype), lse.squeeze(-1).flatten(1, 2)
 
 
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
-                  scale: float | None = None, is_causal: bool = False
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv) in the dtypes of q, k, v. The mask gets no gradient."""
-    scores, grouped_q, scale = _masked_scores(q, k, attn_mask, scale, is_causal)
-    p, _ = _probabilities(scores)
+                  scale: float | None = None, is_causal: bool = False, softcap: float = 0.0,
+                  sinks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Returns (dq, dk, dv, dsinks) in the dtypes of q, k, v, sinks (dsinks None without sinks; shaped
+    [B, Hq, L, 1]: autograd reduces it to the sinks' own shape). The mask gets no gradient."""
+    scores, grouped_q, scale, tanh = _masked_scores(q, k, attn_mask, scale, is_causal, softcap)
+    sink = _grouped_sinks(sinks, q, k.shape[1], scores.dtype)
+    row_max, total = _row_stats(scores, sink)
+    lse = row_max + total.log()
+    safe_lse = lse.masked_fill(torch.isneginf(lse), 0.0)
+    p = (scores - safe_lse).exp()
     acc = p.dtype
     grouped_do = do.to(acc).unflatten(1, grouped_q.shape[1:3])
     keys, values = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
     dp = grouped_do @ values.transpose(-1, -2)
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    delta = (p * dp).sum(-1, keepdim=True)  # = rowsum(do * o); a sink's value vector is zero
+    ds = p * (dp - delta)
+    if tanh is not None:
+        ds = ds * (1 - tanh * tanh)
     dq = scale * (ds @ keys)
     dk = scale * (ds.transpose(-1, -2) @ grouped_q).sum(2)
     dv = (p.transpose(-1, -2) @ grouped_do).sum(2)
-    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dsinks = None
+    if sink is not None:
+        dsinks = (-(sink - safe_lse).exp() * delta).flatten(1, 2).to(sinks.dtype)
+    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks

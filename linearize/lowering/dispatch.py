@@ -5,8 +5,9 @@ The custom ops in ops.py call `kernels(op, device_type)` at run time, so a faste
 `set_preference`; graphs that already contain the ops need no change.
 
 Kernel signatures follow the op schemas, with the backward taking the output grads first:
-    attention:        fwd(q, k, v, attn_mask, scale, is_causal) -> o
-                      bwd(do, q, k, v, attn_mask, scale, is_causal) -> (dq, dk, dv)
+    attention:        fwd(q, k, v, attn_mask, scale, is_causal, softcap, sinks) -> o
+                      bwd(do, q, k, v, attn_mask, scale, is_causal, softcap, sinks)
+                          -> (dq, dk, dv, dsinks)   (dsinks None without sinks)
     window_attention: fwd(q, k, v, scale, window) -> o
                       bwd(do, q, k, v, scale, window) -> (dq, dk, dv)
     gla:              fwd(q, k, v, g, initial_state, scale, chunk_size) -> (o, final_state)
@@ -69,8 +70,8 @@ def kernels(op: str, device_type: str) -> KernelPair:
 
 register(
     "attention", "reference",
-    forward=lambda q, k, v, attn_mask, scale, is_causal:
-        softmax.attention_fwd(q, k, v, attn_mask, scale, is_causal)[0],
+    forward=lambda q, k, v, attn_mask, scale, is_causal, softcap, sinks:
+        softmax.attention_fwd(q, k, v, attn_mask, scale, is_causal, softcap, sinks)[0],
     backward=softmax.attention_bwd,
 )
 register(

@@ -21,10 +21,11 @@ from . import dispatch
 
 # The contract other code relies on; spelled out so `int` stays `int` (not inferred as SymInt).
 SCHEMAS = {
-    "attention": "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, bool is_causal)"
-                 " -> Tensor",
+    "attention": "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, bool is_causal,"
+                 " float softcap=0.0, Tensor? sinks=None) -> Tensor",
     "attention_backward": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask,"
-                          " float scale, bool is_causal) -> (Tensor, Tensor, Tensor)",
+                          " float scale, bool is_causal, float softcap, Tensor? sinks)"
+                          " -> (Tensor, Tensor, Tensor, Tensor)",
     "window_attention": "(Tensor q, Tensor k, Tensor v, float scale, int window) -> Tensor",
     "window_attention_backward": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, float scale,"
                                  " int window) -> (Tensor, Tensor, Tensor)",
@@ -56,39 +57,58 @@ def _like(x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- attention
 @_custom_op("attention")
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float,
-              is_causal: bool) -> Tensor:
-    o = dispatch.kernels("attention", q.device.type).forward(q, k, v, attn_mask, scale, is_causal)
+              is_causal: bool, softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
+    o = dispatch.kernels("attention", q.device.type).forward(q, k, v, attn_mask, scale, is_causal,
+                                                             softcap, sinks)
     return _contiguous(o)[0]
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, scale, is_causal):
+def _(q, k, v, attn_mask, scale, is_causal, softcap=0.0, sinks=None):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 @_custom_op("attention_backward")
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                       attn_mask: Optional[Tensor], scale: float, is_causal: bool
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       attn_mask: Optional[Tensor], scale: float, is_causal: bool, softcap: float,
+                       sinks: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     pair = dispatch.kernels("attention", q.device.type)
-    return _contiguous(*pair.backward(grad_out, q, k, v, attn_mask, scale, is_causal))
+    dq, dk, dv, dsinks = pair.backward(grad_out, q, k, v, attn_mask, scale, is_causal, softcap, sinks)
+    if dsinks is None:  # the schema has no optional outputs: an empty tensor stands for "no sinks"
+        dsinks = q.new_zeros(0)
+    return _contiguous(dq, dk, dv, dsinks)
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, attn_mask, scale, is_causal):
-    return _like(q), _like(k), _like(v)
+def _(grad_out, q, k, v, attn_mask, scale, is_causal, softcap, sinks):
+    dsinks = q.new_empty(*q.shape[:-1], 1) if sinks is not None else q.new_empty(0)
+    return _like(q), _like(k), _like(v), dsinks
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, attn_mask, ctx.scale, ctx.is_causal = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
+    q, k, v, attn_mask, ctx.scale, ctx.is_causal, ctx.softcap, sinks = inputs
+    ctx.has_sinks = sinks is not None
+    ctx.sinks_shape = tuple(sinks.shape) if sinks is not None else None
+    ctx.save_for_backward(q, k, v, attn_mask, sinks)
 
 
 def _attention_grad(ctx, grad_out):
-    q, k, v, attn_mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.linearize.attention_backward(
-        grad_out, q, k, v, attn_mask, ctx.scale, ctx.is_causal)
-    return dq, dk, dv, None, None, None
+    q, k, v, attn_mask, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = torch.ops.linearize.attention_backward(
+        grad_out, q, k, v, attn_mask, ctx.scale, ctx.is_causal, ctx.softcap, sinks)
+    if ctx.has_sinks:
+        dsinks = _sum_to(dsinks, ctx.sinks_shape)
+    else:
+        dsinks = None
+    return dq, dk, dv, None, None, None, None, dsinks
+
+
+def _sum_to(grad: Tensor, shape: tuple) -> Tensor:
+    """Reduce a broadcast gradient to `shape` (sinks arrive broadcastable to [B, Hq, L, 1])."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    dims = [i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1]
+    return grad.sum(dims, keepdim=True) if dims else grad
 
 
 attention.register_autograd(_attention_grad, setup_context=_attention_setup)
