@@ -86,3 +86,26 @@ def naive_softmax_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
     row_dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(row_dead, 0.0), dim=-1).masked_fill(row_dead, 0.0)
     return (probs @ vf).to(q.dtype)
+
+
+def naive_hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, scale: float,
+                           window: int) -> Tensor:
+    """Quadratic window + linear attention with one shared normaliser (LoLCATs).
+
+    Query i attends keys i - window < j <= i with exp(scale q.k - m_i) (m_i: the max of those scores) and keys
+    j <= i - window with fq_i . fk_j; o_i = (sum of weights * v) / (sum of weights). Returns v's dtype.
+    """
+    acc = _compute_dtype(q)
+    seq = q.shape[-2]
+    groups = q.shape[1] // k.shape[1]
+    qf, fqf = q.to(acc), fq.to(acc)
+    kf, vf, fkf = (_repeat_kv(x.to(acc), groups) for x in (k, v, fk))
+    rows = torch.arange(seq, device=q.device)[:, None]
+    cols = torch.arange(seq, device=q.device)[None, :]
+    in_window = (cols <= rows) & (cols > rows - window)
+    older = cols <= rows - window
+    scores = (scale * qf @ kf.transpose(-1, -2)).masked_fill(~in_window, float("-inf"))
+    soft = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+    lin = (fqf @ fkf.transpose(-1, -2)).masked_fill(~older, 0.0)
+    weights = soft + lin
+    return ((weights @ vf) / weights.sum(-1, keepdim=True)).to(v.dtype)
