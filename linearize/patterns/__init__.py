@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from . import sdpa
+from . import matmul_softmax, sdpa
 from .graph import is_op, module_path
 from .site import AttentionSite, Provenance
 
-PATTERNS = [sdpa]
+PATTERNS = [sdpa, matmul_softmax]
 
 
 @dataclass

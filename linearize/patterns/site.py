@@ -50,6 +50,10 @@ class AttentionSite:
     dropout_p: float = 0.0
     shape: tuple = ()  # (B, Hq, Hkv, L, S, D, Dv) at capture time
     matched_nodes: list = field(default_factory=list)  # every node the pattern covered, output last
+    softcap: Optional[float] = None  # scores = softcap * tanh(scores / softcap) (gemma2)
+    sinks: Optional[fx.Node] = None  # per-head sink logits joining the softmax denominator (gpt-oss)
+    mask_kind: Optional[str] = None  # "mask" (only hides keys) or "bias" (adds values, e.g. ALiBi)
+    out_rank: int = 4  # 3 when the model wrote the 3-D [B*H, T, D] bmm form
     provenance: Optional[Provenance] = None
     provenance_missing: Optional[str] = None  # why provenance could not be found
     # filled by the rule pass
@@ -73,6 +77,9 @@ class AttentionSite:
             "is_causal": self.is_causal,
             "mask": self.attn_mask.name if self.attn_mask is not None else None,
             "gqa_groups": self.gqa_groups,
+            "softcap": self.softcap,
+            "sinks": self.sinks is not None,
+            "mask_kind": self.mask_kind,
             "provenance": self.provenance.describe() if self.provenance else None,
             "provenance_missing": self.provenance_missing,
             "rewrite": self.rewrite,

@@ -43,9 +43,9 @@ def logsigmoid_gate(k: torch.Tensor, normalizer: float) -> torch.Tensor:
 GATES = {"logsigmoid": logsigmoid_gate}
 
 
-def softmax_attention(q, k, v, attn_mask, *, scale: float, is_causal: bool):
+def softmax_attention(q, k, v, attn_mask, *, scale: float, is_causal: bool, softcap: float = 0.0, sinks=None):
     """The exact rewrite: the same softmax attention, through linearize's op (k, v at KV-head count)."""
-    return torch.ops.linearize.attention(q, k, v, attn_mask, scale, is_causal)
+    return torch.ops.linearize.attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
 
 
 def window_attention(q, k, v, *, window: int, scale: float):

@@ -86,12 +86,21 @@ def _check_exact(site, params) -> Optional[str]:
 
 
 def _check_causal_self(site) -> Optional[str]:
+    """Window and linear rewrites replace causal self-attention whose scores are plain scaled dot products."""
+    if site.dropout_p:
+        return _check_exact(site, params=None)
+    if site.softcap:
+        return f"logit soft-capping (cap {site.softcap:g}) has no equivalent in a window or linear branch"
+    if site.sinks is not None:
+        return "attention sinks have no equivalent in a window or linear branch"
+    if site.mask_kind == "bias":
+        return "the scores carry an additive bias (e.g. ALiBi), not only a mask"
     B, Hq, Hkv, L, S, D, Dv = site.shape
     if L != S:
         return f"query length {L} differs from key length {S} (decoding with a KV cache is not rewritten)"
     if not site.is_causal and site.attn_mask is None:
         return "non-causal attention (encoder or cross attention): window and linear rewrites are causal"
-    return _check_exact(site, params=None)
+    return None
 
 
 def _check_linear(site, params) -> Optional[str]:
@@ -132,7 +141,8 @@ def _guard_mask(graph: fx.Graph, site) -> None:
 
 def _emit_exact(graph, site, params):
     return graph.call_function(R.softmax_attention, (site.q, site.k, site.v, site.attn_mask),
-                               {"scale": site.scale, "is_causal": site.is_causal})
+                               {"scale": site.scale, "is_causal": site.is_causal,
+                                "softcap": site.softcap or 0.0, "sinks": site.sinks})
 
 
 def _emit_window(graph, site, params):
