@@ -68,6 +68,17 @@ def kernels(op: str, device_type: str) -> KernelPair:
     raise LookupError(f"no kernel registered for {op!r} on {device_type!r}")
 
 
+def kernels_after(op: str, backend: str, device_type: str) -> KernelPair:
+    """The backend that `kernels` would pick if `backend` were not there (a backend's fallback for shapes it
+    cannot take)."""
+    order = _preference[_preference.index(backend) + 1:] if backend in _preference else _preference
+    for name in order:
+        pair = _registry.get((op, name))
+        if pair is not None and (pair.devices is None or device_type in pair.devices):
+            return pair
+    raise LookupError(f"no kernel after {backend!r} for {op!r} on {device_type!r}")
+
+
 register(
     "attention", "reference",
     forward=lambda q, k, v, attn_mask, scale, is_causal, softcap, sinks:
@@ -88,3 +99,9 @@ register(
     backward=lambda do, dht, q, k, v, g, initial_state, scale, chunk_size:
         gla.chunk_gla_bwd(do, dht, q, k, v, g, scale, initial_state, chunk_size),
 )
+
+# Generated Triton kernels (linearize/kernels/triton/, ops in triton_ops.py): registered as the "triton" backend,
+# used where `set_preference(["triton"])` puts it first.
+from . import triton_ops  # noqa: E402
+
+triton_ops.register_dispatch_backend()

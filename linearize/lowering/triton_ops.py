@@ -1,0 +1,357 @@
+"""The generated Triton kernels as `linearize::triton_*` ops, the `triton` dispatch backend, and the rewrite hooks.
+
+Ops (spec: a KernelSpec as JSON; one generated module per spec, cached on disk, imported on first launch):
+    triton_attention(q, k, v, q_win?, k_win?, g?, initial_state?, spec, scale, window_scale) -> (o, final_state, lse)
+    triton_attention_backward(grad_out, grad_final_state?, ..., lse, spec, scale, window_scale)
+        -> (dq, dk, dv, dq_win, dk_win, dg, dh0)
+    triton_decode(q, k, v, g?, state!, spec, scale) -> o          (state updated in place)
+
+With a CUDA device they are `torch.library.triton_op`s whose bodies launch through `wrap_triton`, so AOTAutograd
+and Inductor trace into the kernels (no graph break, fullgraph-safe, CUDA-graph-safe: no host syncs, outputs
+allocated with torch.empty). Without CUDA the kernels run in Triton's CPU interpreter, which `wrap_triton` cannot
+trace, so the same bodies are registered as opaque `torch.library.custom_op`s with fake kernels instead; that is
+what CI exercises under torch.compile(fullgraph=True).
+
+`gla(...)` / `liger(...)` are what linearize/rewrite/replacements.py calls when `options={"kernels": ...}` selects
+Triton: they build the spec from the rule's parameters and the tensors, and return None (after one warning per
+reason) when the generated kernels cannot take the site, so the caller keeps the reference path.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+KERNEL_CHOICES = ("auto", "triton", "reference")
+_warned: set = set()
+
+
+def warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"linearize: generated Triton kernels not used, reference path instead: {reason}",
+                      stacklevel=3)
+
+
+def triton_available() -> bool:
+    from ..kernels import triton as kt
+
+    return kt.available()
+
+
+def compiled_mode() -> bool:
+    """True: real Triton on CUDA (triton_op). False: the CPU interpreter (custom_op)."""
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" and triton_available()
+
+
+def use_triton(kernels: str, device: torch.device) -> bool:
+    """Whether a site with these tensors runs the generated kernels."""
+    if kernels == "reference":
+        return False
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"linearize: kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+    if not triton_available():
+        if kernels == "triton":
+            warn_once("triton is not installed (pip install 'linearize[triton]')")
+        return False
+    if kernels == "auto":
+        return device.type == "cuda" and compiled_mode()
+    if device.type == "cuda":
+        return compiled_mode()
+    if device.type == "cpu":
+        return not compiled_mode()  # one process runs either compiled kernels or the interpreter
+    warn_once(f"device {device.type} has no Triton backend")
+    return False
+
+
+# ----------------------------------------------------------------------------------------------- op bodies
+def _spec(text: str):
+    from ..kernels.triton.spec import KernelSpec
+
+    return KernelSpec.from_json(text)
+
+
+def _attention_body(q: Tensor, k: Tensor, v: Tensor, q_win: Optional[Tensor], k_win: Optional[Tensor],
+                    g: Optional[Tensor], initial_state: Optional[Tensor], spec: str, scale: float,
+                    window_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels.triton import launch
+
+    o, final, lse = launch.forward(_spec(spec), q, k, v, q_win, k_win, g, initial_state, scale, window_scale)
+    return o, final.clone(), lse
+
+
+def _attention_backward_body(grad_out: Tensor, grad_final_state: Optional[Tensor], q: Tensor, k: Tensor,
+                             v: Tensor, q_win: Optional[Tensor], k_win: Optional[Tensor], g: Optional[Tensor],
+                             initial_state: Optional[Tensor], lse: Tensor, spec: str, scale: float,
+                             window_scale: float
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.triton import launch
+
+    return tuple(launch.backward(_spec(spec), grad_out, grad_final_state, q, k, v, q_win, k_win, g,
+                                 initial_state, lse, scale, window_scale))
+
+
+def _decode_body(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], state: Tensor, spec: str,
+                 scale: float) -> Tensor:
+    from ..kernels.triton import launch
+
+    return launch.decode(_spec(spec), q, k, v, g, state, scale)
+
+
+# ------------------------------------------------------------------------------------------- fake kernels
+def _attention_fake(q, k, v, q_win, k_win, g, initial_state, spec, scale, window_scale):
+    s = _spec(spec)
+    B, HQ, T, _ = q.shape
+    o = q.new_empty(B, HQ, T, v.shape[-1])
+    final = q.new_empty(B, k.shape[1], *((s.head_k, s.head_v) if s.linear else (0, 0)), dtype=torch.float32)
+    lse = q.new_empty(B, HQ, T if s.has_window else 0, dtype=torch.float32)
+    return o, final, lse
+
+
+def _attention_backward_fake(grad_out, grad_final_state, q, k, v, q_win, k_win, g, initial_state, lse, spec,
+                             scale, window_scale):
+    s = _spec(spec)
+    empty = q.new_empty(0)
+    dq = torch.empty_like(q) if s.linear else empty
+    dk = torch.empty_like(k) if s.linear else empty
+    dq_win = torch.empty_like(q_win) if s.has_window else empty
+    dk_win = torch.empty_like(k_win) if s.has_window else empty
+    dg = torch.empty_like(g) if s.linear and s.gate_given else empty
+    dims = (s.head_k, s.head_v) if s.linear else (0, 0)
+    dh0 = q.new_empty(q.shape[0], k.shape[1], *dims, dtype=torch.float32)
+    return dq, dk, torch.empty_like(v), dq_win, dk_win, dg, dh0
+
+
+def _decode_fake(q, k, v, g, state, spec, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------- registration
+def _register():
+    lib_ns = "linearize"
+    if compiled_mode():
+        from torch.library import triton_op
+
+        attention = triton_op(f"{lib_ns}::triton_attention", _attention_body, mutates_args=())
+        attention_backward = triton_op(f"{lib_ns}::triton_attention_backward", _attention_backward_body,
+                                       mutates_args=())
+        decode = triton_op(f"{lib_ns}::triton_decode", _decode_body, mutates_args={"state"})
+    else:
+        from torch.library import custom_op
+
+        attention = custom_op(f"{lib_ns}::triton_attention", _attention_body, mutates_args=())
+        attention.register_fake(_attention_fake)
+        attention_backward = custom_op(f"{lib_ns}::triton_attention_backward", _attention_backward_body,
+                                       mutates_args=())
+        attention_backward.register_fake(_attention_backward_fake)
+        decode = custom_op(f"{lib_ns}::triton_decode", _decode_body, mutates_args={"state"})
+        decode.register_fake(_decode_fake)
+    attention.register_autograd(_attention_grad, setup_context=_attention_setup)
+    return attention, attention_backward, decode
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, q_win, k_win, g, initial_state, ctx.spec, ctx.scale, ctx.window_scale = inputs
+    ctx.has = (q_win is not None, k_win is not None, g is not None, initial_state is not None)
+    ctx.save_for_backward(q, k, v, q_win, k_win, g, initial_state, output[2])
+
+
+def _attention_grad(ctx, grad_out, grad_final_state, _grad_lse):
+    q, k, v, q_win, k_win, g, initial_state, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    s = _spec(ctx.spec)
+    if grad_final_state is not None and not s.linear:
+        grad_final_state = None
+    dq, dk, dv, dq_win, dk_win, dg, dh0 = torch.ops.linearize.triton_attention_backward(
+        grad_out, grad_final_state, q, k, v, q_win, k_win, g, initial_state, lse, ctx.spec, ctx.scale,
+        ctx.window_scale)
+    has_qw, has_kw, has_g, has_h0 = ctx.has
+    if not s.linear:  # window only: q, k are unused placeholders
+        dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    return (dq, dk, dv, dq_win if has_qw else None, dk_win if has_kw else None,
+            dg if has_g and s.gate_given else None, dh0 if has_h0 else None, None, None, None)
+
+
+attention, attention_backward, decode_op = _register()
+
+
+# --------------------------------------------------------------------------------- the rewrite entry points
+# rule gate name -> (spec gate kind, gate_fn) for gates the kernels compute from k themselves
+_FUSED_GATES = {"logsigmoid": ("vector", "logsigmoid"), "mamba2": ("scalar", "neg_softplus"),
+                "none": ("none", "logsigmoid")}
+_FUSED_FEATURES = ("identity", "softmax", "elu+1", "relu")
+
+
+def _fixed_decays(gate: str, hkv: int, decay: float, device) -> Optional[Tensor]:
+    if gate == "retnet":
+        from ..rewrite.gates import retnet_decays
+
+        return retnet_decays(hkv).to(device)
+    if gate == "fixed":
+        return torch.full((hkv,), math.log(decay), dtype=torch.float32, device=device)
+    return None
+
+
+def _linear_inputs(q_pre: Tensor, k_pre: Tensor, *, gate: str, gate_normalizer: float, feature_map: str,
+                   gate_lower_bound: float = 0.0, decay: float = 0.99):
+    """(spec fields, q, k, g) for the linear branch: fused feature map and gate where the kernels have them,
+    else computed here in PyTorch and handed over (identity feature map, `given` gate)."""
+    fields = {"gate_normalizer": float(gate_normalizer)}
+    fixed = _fixed_decays(gate, k_pre.shape[1], decay, k_pre.device)
+    fuse_gate = gate in _FUSED_GATES and not (gate == "hgrn2" and gate_lower_bound > 0)
+    if gate == "hgrn2" and gate_lower_bound <= 0:  # hgrn2 without a floor is the logsigmoid gate
+        fuse_gate, gate_pair = True, ("vector", "logsigmoid")
+    else:
+        gate_pair = _FUSED_GATES.get(gate)
+    if feature_map in _FUSED_FEATURES and (fuse_gate or fixed is not None):
+        if fixed is not None:
+            fields.update(gate="fixed", gate_fn="logsigmoid")
+        else:
+            fields.update(gate=gate_pair[0], gate_fn=gate_pair[1])
+        fields["feature_map"] = feature_map
+        return fields, q_pre, k_pre, fixed
+    # Unfused: feature map and gate as PyTorch ops around the kernel (autograd handles their backward).
+    from ..rewrite.gates import FEATURE_MAPS, GATES
+
+    phi = FEATURE_MAPS[feature_map]
+    qf, kf = phi(q_pre.float()), phi(k_pre.float())
+    if fixed is not None:
+        fields.update(gate="fixed", gate_fn="logsigmoid", feature_map="identity")
+        return fields, qf.to(q_pre.dtype), kf.to(k_pre.dtype), fixed
+    g = GATES[gate](k_pre.float(), normalizer=gate_normalizer, lower_bound=gate_lower_bound, decay=decay)
+    if g.shape[-1] != kf.shape[-1]:
+        g = g.repeat(1, 1, 1, kf.shape[-1] // g.shape[-1])
+    fields.update(gate="vector", gate_fn="given", feature_map="identity")
+    return fields, qf.to(q_pre.dtype), kf.to(k_pre.dtype), g.contiguous()
+
+
+def _build(q: Tensor, k: Tensor, v: Tensor, **fields):
+    from ..kernels.triton import launch
+    from ..kernels.triton.spec import KernelSpec, UnsupportedSpec, dtype_name
+
+    try:
+        if q.dtype != k.dtype or q.dtype != v.dtype:
+            raise UnsupportedSpec(f"mixed dtypes {q.dtype}, {k.dtype}, {v.dtype}")
+        spec = KernelSpec(head_k=q.shape[-1], head_v=v.shape[-1], group=q.shape[1] // max(k.shape[1], 1),
+                          dtype=dtype_name(q.dtype), **fields)
+        launch.validate(spec, q, k, v)
+    except UnsupportedSpec as exc:
+        warn_once(str(exc))
+        return None
+    return spec
+
+
+def gla(q_pre: Tensor, k_pre: Tensor, v: Tensor, *, gate: str, gate_normalizer: float, feature_map: str,
+        chunk_size: int, normalize: bool, scale: float = 1.0, gate_lower_bound: float = 0.0,
+        decay: float = 0.99) -> Optional[Tensor]:
+    """GLA site through the generated kernels, or None if they cannot take it."""
+    if normalize:
+        warn_once("normalize: true (the denominator column) is not generated")
+        return None
+    fields, q, k, g = _linear_inputs(q_pre, k_pre, gate=gate, gate_normalizer=gate_normalizer,
+                                     feature_map=feature_map, gate_lower_bound=gate_lower_bound, decay=decay)
+    spec = _build(q, k, v, chunk=chunk_size, scale=float(scale), **fields)
+    if spec is None:
+        return None
+    o, _, _ = attention(q, k, v, None, None, g, None, spec.to_json(), float(scale), 1.0)
+    return o
+
+
+def liger(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, *, window: int, mix, window_scale: float,
+          gate: str, gate_normalizer: float, feature_map: str, chunk_size: int, normalize: bool,
+          scale: float = 1.0, gate_lower_bound: float = 0.0, decay: float = 0.99) -> Optional[Tensor]:
+    """Liger site (mix[0] * window softmax + mix[1] * GLA) as one fused kernel, or None."""
+    if normalize:
+        warn_once("normalize: true (the denominator column) is not generated")
+        return None
+    fields, ql, kl, g = _linear_inputs(q_pre, k_pre, gate=gate, gate_normalizer=gate_normalizer,
+                                       feature_map=feature_map, gate_lower_bound=gate_lower_bound, decay=decay)
+    if q.shape != ql.shape or k.shape != kl.shape or q.dtype != ql.dtype:
+        warn_once("window and linear branches have different shapes or dtypes")
+        return None
+    spec = _build(ql, kl, v, chunk=chunk_size, scale=float(scale), window=int(window),
+                  mix=tuple(float(x) for x in mix), **fields)
+    if spec is None:
+        return None
+    o, _, _ = attention(ql, kl, v, q, k, g, None, spec.to_json(), float(scale), float(window_scale))
+    return o
+
+
+def swa(q: Tensor, k: Tensor, v: Tensor, *, window: int, scale: float) -> Optional[Tensor]:
+    """Sliding-window softmax attention through the generated window kernel, or None."""
+    spec = _build(q, k, v, linear=False, window=int(window), chunk=16)
+    if spec is None:
+        return None
+    o, _, _ = attention(q, k, v, q, k, None, None, spec.to_json(), 1.0, float(scale))
+    return o
+
+
+# ------------------------------------------------------------------------ `triton` backend of the base ops
+def _gla_spec(q, k, v, chunk_size, scale):
+    return _build(q, k, v, gate="vector", gate_fn="given", feature_map="identity", chunk=int(chunk_size),
+                  scale=float(scale))
+
+
+def _dispatch_gla_fwd(q, k, v, g, initial_state, scale, chunk_size):
+    spec = _gla_spec(q, k, v, chunk_size, scale)
+    if spec is None:
+        return dispatch.kernels_after("gla", "triton", q.device.type).forward(
+            q, k, v, g, initial_state, scale, chunk_size)
+    from ..kernels.triton import launch
+
+    o, final, _ = launch.forward(spec, q, k, v, None, None, g.to(torch.float32), initial_state, scale, 1.0)
+    return o, final.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def _dispatch_gla_bwd(do, dht, q, k, v, g, initial_state, scale, chunk_size):
+    spec = _gla_spec(q, k, v, chunk_size, scale)
+    if spec is None:
+        return dispatch.kernels_after("gla", "triton", q.device.type).backward(
+            do, dht, q, k, v, g, initial_state, scale, chunk_size)
+    from ..kernels.triton import launch
+
+    empty = q.new_empty(0)
+    dq, dk, dv, _, _, dg, dh0 = launch.backward(spec, do, dht, q, k, v, None, None, g.to(torch.float32),
+                                                initial_state, empty, scale, 1.0)
+    if initial_state is not None:
+        dh0 = dh0.to(initial_state.dtype)
+    return dq, dk, dv, dg.to(g.dtype), dh0
+
+
+def _dispatch_window_fwd(q, k, v, scale, window_size):
+    spec = _build(q, k, v, linear=False, window=int(window_size), chunk=16)
+    if spec is None:
+        return dispatch.kernels_after("window_attention", "triton", q.device.type).forward(q, k, v, scale,
+                                                                                          window_size)
+    from ..kernels.triton import launch
+
+    return launch.forward(spec, q, k, v, q, k, None, None, 1.0, scale)[0]
+
+
+def _dispatch_window_bwd(do, q, k, v, scale, window_size):
+    spec = _build(q, k, v, linear=False, window=int(window_size), chunk=16)
+    if spec is None:
+        return dispatch.kernels_after("window_attention", "triton", q.device.type).backward(
+            do, q, k, v, scale, window_size)
+    from ..kernels.triton import launch
+
+    _, _, lse = launch.forward(spec, q, k, v, q, k, None, None, 1.0, scale)
+    _, _, dv, dq, dk, _, _ = launch.backward(spec, do, None, q, k, v, q, k, None, None, lse, 1.0, scale)
+    return dq, dk, dv
+
+
+def register_dispatch_backend() -> None:
+    """`dispatch.set_preference(["triton"])` then runs linearize::gla / window_attention on the generated kernels
+    (devices: cuda, and cpu through the interpreter)."""
+    if not triton_available():
+        return
+    devices = ("cuda",) if compiled_mode() else ("cpu",)
+    dispatch.register("gla", "triton", _dispatch_gla_fwd, _dispatch_gla_bwd, devices=devices)
+    dispatch.register("window_attention", "triton", _dispatch_window_fwd, _dispatch_window_bwd, devices=devices)
