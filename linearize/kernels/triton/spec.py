@@ -6,8 +6,8 @@ keys the on-disk cache by `spec.key()`.
 
 Gate kinds (log g <= 0, natural log, per token):
     none    no decay (plain causal linear attention)
-    scalar  one log gate per token and head (mamba2-style, e.g. -softplus(.)); from k it is the mean over
-            channels of gate_fn(k) / gate_normalizer
+    scalar  one log gate per token and head (mamba2-style); from k it is gate_fn(mean over channels of k) /
+            gate_normalizer
     fixed   one constant log decay per KV head (RetNet-style), from a [Hkv] tensor, no gradient
     vector  one log gate per token and key channel (GLA / Liger / hgrn2-style)
 Gate sources (`gate_fn`): a function of the raw (pre-feature-map) key, fused into the kernel and differentiated
@@ -100,8 +100,8 @@ class KernelSpec:
             return "decay[h]"
         if self.gate_fn == "given":
             return "g"
-        inner = f"{self.gate_fn}(k)/{self.gate_normalizer:g}"
-        return f"mean_c({inner})" if self.gate == "scalar" else inner
+        arg = "mean_c(k)" if self.gate == "scalar" else "k"
+        return f"{self.gate_fn}({arg})/{self.gate_normalizer:g}"
 
     def check_shapes(self) -> None:
         """Raise UnsupportedSpec for what the templates cannot tile."""

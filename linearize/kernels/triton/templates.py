@@ -100,24 +100,29 @@ def _red(x):
 @triton.jit
 def _log_gate(k):
     # natural-log gate from the raw key tile [R, HK] -> [R, GK]: @GATE_EXPR@
-    soft = tl.log(1.0 + tl.exp2(-tl.abs(k) * LOG2E))  # log(1 + e^-|k|)
-#if FN_LOGSIGMOID
-    g = (tl.minimum(k, 0.0) - soft) / GATE_NORM
-#elif FN_NEG_SOFTPLUS
-    g = -(tl.maximum(k, 0.0) + soft) / GATE_NORM
-#endif
 #if VECTOR
-    return g
+    x = k
 #else
-    return tl.sum(g, 1, keep_dims=True) / HK
+    x = tl.sum(k, 1, keep_dims=True) / HK  # scalar gates pool the key over the head dim first
+#endif
+    soft = tl.log(1.0 + tl.exp2(-tl.abs(x) * LOG2E))  # log(1 + e^-|x|)
+#if FN_LOGSIGMOID
+    return (tl.minimum(x, 0.0) - soft) / GATE_NORM
+#elif FN_NEG_SOFTPLUS
+    return -(tl.maximum(x, 0.0) + soft) / GATE_NORM
 #endif
 
 
 @triton.jit
 def _log_gate_vjp(k, dg):
-    # d(log gate)/dk * dg (dg [R, GK]); zero where the gate was clamped at GATE_FLOOR
-    e = tl.exp2(-tl.abs(k) * LOG2E)
-    sig = tl.where(k >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(k)
+    # d(log gate)/dk * dg (dg [R, GK]) -> [R, HK]; zero where the gate was clamped at GATE_FLOOR
+#if VECTOR
+    x = k
+#else
+    x = tl.sum(k, 1, keep_dims=True) / HK
+#endif
+    e = tl.exp2(-tl.abs(x) * LOG2E)
+    sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(x)
 #if FN_LOGSIGMOID
     d = (1.0 - sig) / GATE_NORM
 #elif FN_NEG_SOFTPLUS
@@ -127,7 +132,7 @@ def _log_gate_vjp(k, dg):
 #if VECTOR
     return tl.where(live, d * dg, 0.0)
 #else
-    return tl.where(live, d * dg, 0.0) / HK
+    return tl.where(live, d * dg, 0.0) / HK + tl.zeros_like(k)
 #endif
 #endif
 """
