@@ -11,6 +11,7 @@ import warnings
 from .options import Options
 from .passes import PassContext, run_pipeline
 from .rewrite import rules as rule_sets
+from .rewrite.targets import kernel_choice
 
 _graph_ids = itertools.count()
 NO_ATTENTION_WARNING = ("linearize: no softmax attention found in a captured graph; it runs unchanged "
@@ -21,7 +22,8 @@ def linearize_backend(gm, example_inputs, options=None, mode=None):
     """Rewrite the attention sites of one captured graph, then hand it to the inner compiler."""
     opts = Options.from_dict(options)
     ctx = PassContext(rules=rule_sets.load(opts.rules), options=opts, graph_id=next(_graph_ids))
-    gm = run_pipeline(gm, ctx)
+    with kernel_choice(opts.kernels):  # the emitted replacements carry the kernel choice
+        gm = run_pipeline(gm, ctx)
     if not ctx.sites:
         warnings.warn(NO_ATTENTION_WARNING, stacklevel=2)
     if opts.record is not None:

@@ -6,12 +6,16 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+KERNEL_CHOICES = ("auto", "triton", "reference")
 
 
 @dataclass
 class Options:
     rules: Any = "liger"  # built-in rule-set name, path to a YAML file, or a RuleSet
     inner: str = "inductor"  # what compiles the rewritten graph; "eager" runs it as is (for debugging)
+    # attention kernels of the rewritten sites: "auto" (generated Triton on CUDA, PyTorch reference elsewhere),
+    # "triton" (generated kernels everywhere; on CPU through TRITON_INTERPRET=1), "reference"
+    kernels: str = "auto"
     record: Optional[Callable] = None  # called with each graph's PassContext (used by linearize.explain)
 
     @classmethod
@@ -26,4 +30,6 @@ class Options:
         opts = cls(**options)
         if opts.inner not in INNER_COMPILERS:
             raise ValueError(f"linearize: inner must be one of {', '.join(INNER_COMPILERS)}, got {opts.inner!r}")
+        if opts.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"linearize: kernels must be one of {', '.join(KERNEL_CHOICES)}, got {opts.kernels!r}")
         return opts

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import linearize.lowering  # noqa: F401  (registers torch.ops.linearize.*)
+from linearize.lowering import triton_ops as _triton
 
 _DENOMINATOR_EPS = 1e-6
 
@@ -48,17 +49,27 @@ def softmax_attention(q, k, v, attn_mask, *, scale: float, is_causal: bool, soft
     return torch.ops.linearize.attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
 
 
-def window_attention(q, k, v, *, window: int, scale: float):
+def window_attention(q, k, v, *, window: int, scale: float, kernels: str = "auto"):
     """Causal sliding-window softmax attention over the last `window` tokens (inclusive)."""
+    if _triton.use_triton(kernels, q.device):
+        out = _triton.swa(q, k, v, window=window, scale=scale)
+        if out is not None:
+            return out
     return torch.ops.linearize.window_attention(q, k, v, scale, window)
 
 
 def gla_attention(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, feature_map: str, chunk_size: int,
-                  normalize: bool, scale: float = 1.0):
+                  normalize: bool, scale: float = 1.0,
+                  kernels: str = "auto"):
     """Gated linear attention on pre-RoPE q, k; the state is kept per KV head (GQA-native).
 
     Everything runs in fp32 (the gate's cumulative sums need it) and returns v's dtype.
     """
+    if _triton.use_triton(kernels, v.device):
+        out = _triton.gla(q_pre, k_pre, v, **{k: val for k, val in locals().items()
+                                             if k not in ("q_pre", "k_pre", "v", "kernels")})
+        if out is not None:
+            return out.to(v.dtype)
     phi = FEATURE_MAPS[feature_map]
     qf, kf = phi(q_pre.float()), phi(k_pre.float())
     g = GATES[gate](k_pre.float(), gate_normalizer)
@@ -71,8 +82,15 @@ def gla_attention(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, feature
     return o.to(v.dtype)
 
 
-def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: float, **gla_params):
-    """Liger attention: mix[0] * window softmax (RoPE'd q, k) + mix[1] * gated linear (pre-RoPE q, k)."""
+def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: float, kernels: str = "auto",
+                    **gla_params):
+    """Liger attention: mix[0] * window softmax (RoPE'd q, k) + mix[1] * gated linear (pre-RoPE q, k).
+
+    With generated kernels both branches run in one fused Triton kernel (mixed before the store)."""
+    if _triton.use_triton(kernels, v.device):
+        out = _triton.liger(q, k, v, q_pre, k_pre, window=window, mix=mix, window_scale=window_scale, **gla_params)
+        if out is not None:
+            return out
     w_window, w_linear = mix
     swa = window_attention(q, k, v, window=window, scale=window_scale)
     gla = gla_attention(q_pre, k_pre, v, **gla_params)

@@ -6,6 +6,8 @@ before the site's output node and returns the new node.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -18,6 +20,22 @@ from . import replacements as R
 GLA_DEFAULTS = {"gate": "logsigmoid", "gate_normalizer": 16.0, "feature_map": "softmax", "chunk_size": 64,
                 "normalize": False, "scale": 1.0}
 WINDOW_DEFAULTS = {"window": 64}
+_KERNELS = contextvars.ContextVar("linearize_kernels", default="auto")
+
+
+@contextlib.contextmanager
+def kernel_choice(kernels: str):
+    """Within this block, emitted window / gla / liger replacements carry `kernels=` (the backend option)."""
+    token = _KERNELS.set(kernels)
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
+
+
+def _kernel_kwargs() -> dict:
+    choice = _KERNELS.get()
+    return {} if choice == "auto" else {"kernels": choice}
 
 
 @dataclass
@@ -148,11 +166,11 @@ def _emit_exact(graph, site, params):
 def _emit_window(graph, site, params):
     _guard_mask(graph, site)
     return graph.call_function(R.window_attention, (site.q, site.k, site.v),
-                               {"window": params["window"], "scale": site.scale})
+                               {"window": params["window"], "scale": site.scale, **_kernel_kwargs()})
 
 
 def _gla_kwargs(params):
-    return {k: params[k] for k in GLA_DEFAULTS}
+    return {**{k: params[k] for k in GLA_DEFAULTS}, **_kernel_kwargs()}
 
 
 def _emit_gla(graph, site, params):
