@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
@@ -17,6 +18,10 @@ class Options:
     # "triton" (generated kernels everywhere; on CPU through TRITON_INTERPRET=1), "reference"
     kernels: str = "auto"
     record: Optional[Callable] = None  # called with each graph's PassContext (used by linearize.explain)
+    # Write the graph after each pass (code, diff, DOT, SVG) under this folder, one subfolder per captured graph;
+    # defaults to the LINEARIZE_DEBUG_DIR environment variable.
+    debug_dir: Optional[str] = field(default_factory=lambda: os.environ.get("LINEARIZE_DEBUG_DIR") or None)
+    observe: Optional[Callable] = None  # observe(stage, gm, ctx): before the first pass ("input") and after each
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> "Options":

@@ -27,14 +27,35 @@ DEFAULT_PIPELINE = [Pass(fn.__name__, fn) for fn in
 
 
 def run_pipeline(gm, ctx: PassContext, passes=DEFAULT_PIPELINE):
-    """Run each pass in order, timing it; returns the rewritten GraphModule."""
+    """Run each pass in order, timing it; returns the rewritten GraphModule.
+
+    Observers (`options.observe`, and the `options.debug_dir` writer) see the graph before the first pass, as stage
+    "input", and after each pass, under the pass's name; their time is not in `ctx.timings`.
+    """
+    observers = _observers(ctx)
     ctx.nodes_before = len(gm.graph.nodes)
+    for observe in observers:
+        observe("input", gm, ctx)
     for p in passes:
         start = time.perf_counter()
         gm = p.fn(gm, ctx)
         ctx.timings[p.name] = time.perf_counter() - start
+        for observe in observers:
+            observe(p.name, gm, ctx)
     ctx.nodes_after = len(gm.graph.nodes)
     return gm
+
+
+def _observers(ctx) -> list:
+    opts = ctx.options
+    out = []
+    if getattr(opts, "debug_dir", None):
+        from ..report.debug import DebugWriter
+
+        out.append(DebugWriter(opts.debug_dir))
+    if getattr(opts, "observe", None) is not None:
+        out.append(opts.observe)
+    return out
 
 
 __all__ = ["Pass", "PassContext", "DEFAULT_PIPELINE", "run_pipeline"]
