@@ -22,7 +22,15 @@ def main(argv=None) -> int:
     check = rules_sub.add_parser("check", help="validate a rule file (exit 0 if valid, 2 if not)")
     check.add_argument("file")
 
+    from .report.cli import add_parser as add_explain_parser
+
+    add_explain_parser(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        from .report.cli import run as run_explain
+
+        return run_explain(args)
     if args.command == "demo":
         from .demo import run_demo
 
