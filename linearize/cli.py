@@ -14,13 +14,14 @@ def main(argv=None) -> int:
     demo.add_argument("--prefill-tokens", type=int, default=4096)
     demo.add_argument("--ppl-tokens", type=int, default=512)
 
-    rules = sub.add_parser("rules", help="built-in rule sets")
+    rules = sub.add_parser("rules", help="rule files: list, show and check")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     rules_sub.add_parser("list", help="names and descriptions of the built-in rule sets")
     show = rules_sub.add_parser("show", help="print a built-in rule set")
     show.add_argument("name")
     check = rules_sub.add_parser("check", help="validate a rule file (exit 0 if valid, 2 if not)")
     check.add_argument("file")
+    check.add_argument("--strict", action="store_true", help="treat warnings as errors (exit 1)")
 
     from .report.cli import add_parser as add_explain_parser
 
@@ -40,21 +41,41 @@ def main(argv=None) -> int:
 
 
 def _rules(args) -> int:
+    """`linearize rules ...`: messages are one paragraph each (`error: file:line:col: what (fix)`), never a
+    traceback. Exit 0: fine; 1: warnings under --strict; 2: the file or name is not usable."""
     from .rewrite import rules as R
 
     try:
         if args.rules_command == "list":
             for name in R.available():
-                print(f"{name:12s} {R.load(name).description}")
+                print(f"{name:14s} {R.load(name).description}")
         elif args.rules_command == "show":
-            R.load(args.name)  # validates the name, with suggestions
+            if args.name not in R.available():
+                R.load(args.name)  # raises with the suggestion
+                raise R.RuleError(f"`{args.name}` is not a built-in rule set",
+                                  hint=f"built-in rule sets: {', '.join(R.available())}")
             print(R.builtin_path(args.name).read_text(), end="")
         else:
-            rs = R.load(args.file)
-            print(f"{args.file}: valid, {len(rs.rules)} rule(s)")
+            rs = R.check(args.file)
+            for w in rs.warnings:
+                print(f"warning: {w}", file=sys.stderr)
+            print(f"{args.file}: valid, {len(rs.rules)} rule(s)" +
+                  (f", {len(rs.patterns)} pattern(s)" if rs.patterns else ""))
+            for i, rule in enumerate(rs.rules, 1):
+                params = ", ".join(f"{k}={v}" for k, v in rule.params.items())
+                formulas = ", ".join(f"{k}=\"{f.text}\"" for k, f in rule.formulas.items())
+                shown = ", ".join(p for p in (params, formulas) if p)
+                print(f"  {i}. {rule.match} where {rule.where.describe()} -> {rule.rewrite}"
+                      + (f" ({shown})" if shown else "") + f"    [{rule.origin.rsplit(': ', 1)[0]}]")
+            if rs.warnings and args.strict:
+                return 1
     except R.RuleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug in linearize, not in the file: still one paragraph, no traceback
+        print(f"error: {getattr(args, 'file', getattr(args, 'name', ''))}: internal error while reading rules "
+              f"({type(exc).__name__}: {exc}); please report this", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -15,33 +15,9 @@ from linearize.lowering import triton_ops as _triton
 _DENOMINATOR_EPS = 1e-6
 
 
-def softmax_feature(x: torch.Tensor) -> torch.Tensor:
-    """Liger's feature map: softmax over the head dimension (so q.k lies in (0, 1])."""
-    return torch.softmax(x, dim=-1)
-
-
-def identity_feature(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def elu1_feature(x: torch.Tensor) -> torch.Tensor:
-    return F.elu(x) + 1
-
-
-def relu_feature(x: torch.Tensor) -> torch.Tensor:
-    return F.relu(x)
-
-
-FEATURE_MAPS = {"softmax": softmax_feature, "identity": identity_feature, "elu+1": elu1_feature,
-                "relu": relu_feature}
-
-
-def logsigmoid_gate(k: torch.Tensor, normalizer: float) -> torch.Tensor:
-    """Liger's per-channel gate from the key projection: log g = logsigmoid(k) / normalizer (<= 0)."""
-    return F.logsigmoid(k) / normalizer
-
-
-GATES = {"logsigmoid": logsigmoid_gate}
+# gate kinds and feature maps are named entries in gates.py (name -> function), re-exported here
+from .gates import FEATURE_MAPS, GATES, elu1_feature, identity_feature, logsigmoid_gate, relu_feature  # noqa: E402,F401
+from .gates import softmax_feature  # noqa: E402,F401
 
 
 def softmax_attention(q, k, v, attn_mask, *, scale: float, is_causal: bool, softcap: float = 0.0, sinks=None):
@@ -59,11 +35,12 @@ def window_attention(q, k, v, *, window: int, scale: float, kernels: str = "auto
 
 
 def gla_attention(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, feature_map: str, chunk_size: int,
-                  normalize: bool, scale: float = 1.0,
+                  normalize: bool, scale: float = 1.0, gate_lower_bound: float = 0.0, decay: float = 0.99,
                   kernels: str = "auto"):
     """Gated linear attention on pre-RoPE q, k; the state is kept per KV head (GQA-native).
 
-    Everything runs in fp32 (the gate's cumulative sums need it) and returns v's dtype.
+    The gate kind (`gates.GATES`) maps the pre-RoPE keys to a per-channel log decay; scalar and fixed kinds come
+    expanded over the channels. Everything runs in fp32 (the gate's cumulative sums need it) and returns v's dtype.
     """
     if _triton.use_triton(kernels, v.device):
         out = _triton.gla(q_pre, k_pre, v, **{k: val for k, val in locals().items()
@@ -72,7 +49,9 @@ def gla_attention(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, feature
             return out.to(v.dtype)
     phi = FEATURE_MAPS[feature_map]
     qf, kf = phi(q_pre.float()), phi(k_pre.float())
-    g = GATES[gate](k_pre.float(), gate_normalizer)
+    g = GATES[gate](k_pre.float(), normalizer=gate_normalizer, lower_bound=gate_lower_bound, decay=decay)
+    if g.shape[-1] != kf.shape[-1]:  # feature maps that widen the head (hedgehog): the gate repeats per copy
+        g = g.repeat(1, 1, 1, kf.shape[-1] // g.shape[-1])
     vf = v.float()
     if normalize:  # one more value column of ones carries the denominator sum of gated feature weights
         vf = torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1)
@@ -106,3 +85,12 @@ def mask_is_causal(mask: torch.Tensor) -> torch.Tensor:
     allowed = mask == 0
     blocked = mask <= torch.finfo(mask.dtype).min / 2
     return ((allowed & causal) | (blocked & ~causal)).all()
+
+
+def lolcats_attention(q, k, v, q_pre, k_pre, *, window: int, window_scale: float, feature_map: str):
+    """LoLCATs: softmax over the last `window` keys (RoPE'd q, k) and feature-map linear attention over every older
+    key (pre-RoPE q, k), one shared normaliser (`torch.ops.linearize.hybrid_attention`)."""
+    phi = FEATURE_MAPS[feature_map]
+    fq, fk = phi(q_pre.float()), phi(k_pre.float())
+    o = torch.ops.linearize.hybrid_attention(q.float(), k.float(), v.float(), fq, fk, window_scale, window)
+    return o.to(v.dtype)

@@ -16,9 +16,10 @@ import torch
 import torch.fx as fx
 
 from . import replacements as R
+from .gates import NONNEGATIVE_FEATURE_MAPS
 
 GLA_DEFAULTS = {"gate": "logsigmoid", "gate_normalizer": 16.0, "feature_map": "softmax", "chunk_size": 64,
-                "normalize": False, "scale": 1.0}
+                "normalize": False, "scale": 1.0, "gate_lower_bound": 0.0, "decay": 0.99}
 WINDOW_DEFAULTS = {"window": 64}
 _KERNELS = contextvars.ContextVar("linearize_kernels", default="auto")
 
@@ -93,6 +94,14 @@ def _validate(params: dict) -> None:
         raise ValueError(f"chunk_size: must be a positive multiple of 16, got {chunk}")
     if params.get("gate_normalizer", 1.0) <= 0:
         raise ValueError("gate_normalizer: must be positive (log gates must stay <= 0)")
+    if not 0.0 <= params.get("gate_lower_bound", 0.0) < 1.0:
+        raise ValueError(f"gate_lower_bound: must be in [0, 1), got {params['gate_lower_bound']}")
+    if not 0.0 < params.get("decay", 0.5) < 1.0:
+        raise ValueError(f"decay: must be in (0, 1) (a per-token retention factor), got {params['decay']}")
+    if any(w < 0 for w in params.get("mix", ())):
+        raise ValueError(f"mix: weights must be non-negative, got {params['mix']}")
+    if params.get("scale", 1.0) <= 0:
+        raise ValueError(f"scale: must be positive, got {params['scale']}")
 
 
 # ----- checks -------------------------------------------------------------------------------------------------
@@ -187,7 +196,16 @@ def _emit_liger(graph, site, params):
     return graph.call_function(R.liger_attention, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
 
 
+def _emit_lolcats(graph, site, params):
+    _guard_mask(graph, site)
+    p = site.provenance
+    kwargs = {"window": params["window"], "window_scale": site.scale, "feature_map": params["feature_map"]}
+    return graph.call_function(R.lolcats_attention, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
+
+
 _GLA_CHOICES = {"gate": tuple(R.GATES), "feature_map": tuple(R.FEATURE_MAPS)}
+# one normaliser over both parts: the feature products must be weights (>= 0), like exp(score)
+_LOLCATS_CHOICES = {"feature_map": NONNEGATIVE_FEATURE_MAPS}
 
 TARGETS = {
     "exact": Target("exact", {}, _check_exact, _emit_exact),
@@ -196,4 +214,6 @@ TARGETS = {
     "gla": Target("gla", dict(GLA_DEFAULTS), _check_linear, _emit_gla, _GLA_CHOICES),
     "liger": Target("liger", {**WINDOW_DEFAULTS, **GLA_DEFAULTS, "mix": [0.5, 0.5]}, _check_liger, _emit_liger,
                     _GLA_CHOICES),
+    "lolcats": Target("lolcats", {**WINDOW_DEFAULTS, "feature_map": "softmax"}, _check_linear, _emit_lolcats,
+                      _LOLCATS_CHOICES),
 }
