@@ -139,5 +139,23 @@ def test_causal_mask_is_checked_at_run_time():
     assert torch.isfinite(_logits(compiled, ids, attention_mask=ones)).all()  # all-ones mask == causal
     padded = ones.clone()
     padded[0, :3] = 0
-    with pytest.raises(RuntimeError, match="not purely causal"):
+    with pytest.raises(RuntimeError, match="neither causal nor a causal sliding window"):
         _logits(compiled, ids, attention_mask=padded)
+
+
+def test_mask_guard_accepts_causal_and_sliding_window_masks_only():
+    from linearize.rewrite.guards import mask_is_causal
+
+    i, j = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    causal = j <= i
+    window = causal & (i - j < 3)
+    padded = causal & (j >= 2)
+    assert mask_is_causal(causal) and mask_is_causal(window[None, None])
+    assert not mask_is_causal(padded) and not mask_is_causal(torch.ones(8, 8, dtype=torch.bool))
+    as_float = lambda m: torch.zeros(m.shape).masked_fill(~m, torch.finfo().min)
+    assert mask_is_causal(as_float(causal)) and mask_is_causal(as_float(window))
+    assert not mask_is_causal(as_float(padded))
+    biased = as_float(causal) + 0.5 * causal  # ALiBi-like values where keys are visible
+    assert not mask_is_causal(biased)
+    per_batch = torch.stack([causal, padded])[:, None]  # one padded row in the batch is enough to fail
+    assert not mask_is_causal(per_batch)

@@ -98,3 +98,40 @@ def test_passes_report_their_time():
     ctx = report.contexts[0]
     assert list(ctx.timings) == ["find_attention", "trace_provenance", "apply_rules", "rewrite_sites", "cleanup"]
     assert 0 < report.pass_seconds < 5
+
+
+def _small(config_cls, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config_cls(**kw)).eval()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_fused_qkv_and_partial_rotary_provenance(impl):
+    """GPT-2 projects q, k, v with one Conv1D (addmm) and splits; Phi rotates only part of each head."""
+    from transformers import GPT2Config, PhiConfig
+
+    gpt2 = _small(GPT2Config, n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64,
+                  attn_implementation=impl)
+    phi = _small(PhiConfig, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 vocab_size=64, partial_rotary_factor=0.5, attn_implementation=impl)
+    for model, rope in ((gpt2, None), (phi, "partial_rotate_half")):
+        report = linearize.explain(model, torch.randint(0, 64, (1, 12)), rules="keep", use_cache=False)
+        assert len(report.sites) == 2
+        for s in report.sites:
+            assert s.provenance_found, s.provenance_missing
+            assert s.provenance.rope == rope
+
+
+def test_bloom_alibi_baddbmm_is_matched_and_kept_for_linear_rewrites():
+    from transformers import BloomConfig
+
+    model = _small(BloomConfig, hidden_size=32, n_layer=2, n_head=4, vocab_size=64, attn_implementation="eager")
+    ids = torch.randint(0, 64, (1, 12))
+    report = linearize.explain(model, ids, rules="liger")
+    assert len(report.sites) == 2
+    assert all(s.mask_kind == "bias" and s.rewrite == "keep" and "ALiBi" in s.reason for s in report.sites)
+    exact = torch.compile(model, backend="linearize", options={"rules": "exact", "inner": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(exact(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

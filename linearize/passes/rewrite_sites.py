@@ -14,8 +14,8 @@ def rewrite_sites(gm, ctx):
         first_new = old.prev
         with graph.inserting_before(old):
             new = target.emit(graph, site, site.params)
-            if site.out_rank == 3:  # the model wrote [B*H, T, D]; the canonical form added a head dim
-                new = graph.call_method("squeeze", (new, 1))
+            if site.out_rank == 3:  # the model wrote [B*H, T, D]; the canonical form split the heads out
+                new = graph.call_method("flatten", (new, 0, 1))
         n = first_new.next
         while n is not old:  # the replacement's nodes keep the attention's module and source location
             n.meta.update({k: old.meta[k] for k in _COPIED_META if k in old.meta})

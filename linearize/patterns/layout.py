@@ -30,9 +30,10 @@ def skip_empty_cache(node: fx.Node) -> tuple[fx.Node, Optional[str]]:
     """
     if not is_op(node, "cat"):
         return node, None
-    tensors = arg(node, 0, "tensors")
-    if not isinstance(tensors, (list, tuple)):
-        return node, None
+    tensors, dim = arg(node, 0, "tensors"), arg(node, 1, "dim", 0)
+    rank = len(shape(node) or ())
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or dim % max(rank, 1) != rank - 2:
+        return node, None  # not a concatenation along the sequence dim
     live = [t for t in tensors if not (isinstance(t, fx.Node) and _is_empty(t))]
     if len(live) == 1 and isinstance(live[0], fx.Node):
         return live[0], None

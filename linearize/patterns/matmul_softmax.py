@@ -40,6 +40,7 @@ class Scores:
     additive: list = field(default_factory=list)  # (node, factor): float masks added after `factor` scaling
     steps: list = field(default_factory=list)  # names of the steps, outermost first
     nodes: list = field(default_factory=list)
+    heads: Optional[tuple] = None  # (B, H) when the model moves scores between [B*H, L, S] and [B, H, L, S]
 
 
 class NoMatch(Exception):
@@ -144,6 +145,9 @@ class QK:
     k_t: fx.Node  # [.., D, S]
     k: Optional[fx.Node]  # [.., S, D] when the graph has it already
     node: fx.Node
+    bias: Optional[fx.Node] = None  # baddbmm: scores = beta * bias + alpha * q @ k^T
+    beta: float = 1.0
+    alpha: float = 1.0
 
 
 def _qk(node) -> Optional[QK]:
@@ -154,7 +158,11 @@ def _qk(node) -> Optional[QK]:
     if name in ("matmul", "bmm") and len(node.args) >= 2:
         q, kt = node.args[0], node.args[1]
     elif name == "baddbmm":
-        raise NoMatch("baddbmm adds a bias tensor before softmax")  # handled as additive mask if zero
+        bias, q, kt = (arg(node, i, n) for i, n in enumerate(("input", "batch1", "batch2")))
+        beta, alpha = constant(arg(node, 3, "beta", 1.0)), constant(arg(node, 4, "alpha", 1.0))
+        if beta is None or alpha is None or not isinstance(kt, fx.Node):
+            raise NoMatch("baddbmm with non-constant beta/alpha")
+        return QK(q=q, k_t=kt, k=_untransposed(kt), node=node, bias=bias, beta=beta, alpha=alpha)
     elif name == "einsum":
         return _einsum_qk(node)
     else:
@@ -231,6 +239,8 @@ def _pv(prob: fx.Node):
     users = _consumers(prob)
     if len(users) == 1 and canonical_name(users[0]) in ("dropout", "native_dropout"):
         dropout_p = float(_dropout_p(users[0]))
+        prob, users = users[0], _consumers(users[0])
+    if len(users) == 1 and _through_heads_reshape(users[0])[1] is not None:
         prob, users = users[0], _consumers(users[0])
     for u in users:
         name = canonical_name(u)
@@ -320,8 +330,13 @@ def _match_softmax(sm: fx.Node) -> Union[AttentionSite, None]:
 def _peel(x, scores: Scores) -> Optional[QK]:
     """Peel score steps off `x` until q @ k^T is reached; None if something else is in the way."""
     for _ in range(16):
+        x, heads = _through_heads_reshape(x)
+        scores.heads = heads or scores.heads
         found = _qk(x)
         if found is not None:
+            if found.bias is not None:  # baddbmm: its bias is an additive mask, alpha a scale
+                scores.additive.append((found.bias, scores.scale * found.beta))
+                scores.scale *= found.alpha
             return found
         for name, expr, handler in SCORE_STEPS:
             m = match_expr(expr, _skip(x))
@@ -334,6 +349,19 @@ def _peel(x, scores: Scores) -> Optional[QK]:
         else:
             return None
     return None
+
+
+def _through_heads_reshape(x):
+    """Look through a view/reshape that only splits or merges the batch and head dims ([B*H, L, S] <-> [B, H, L, S]).
+    Returns (input, (B, H) or None)."""
+    node = _skip(x)
+    if canonical_name(node) in ("view", "reshape") and isinstance(node.args[0], fx.Node):
+        out_s, in_s = shape(node), shape(node.args[0])
+        if out_s and in_s and out_s[-2:] == in_s[-2:] and {len(out_s), len(in_s)} == {3, 4}:
+            four = out_s if len(out_s) == 4 else in_s
+            if four[0] * four[1] == (in_s if len(in_s) == 3 else out_s)[0]:
+                return node.args[0], (four[0], four[1])
+    return x, None
 
 
 def _is_parameter(node) -> bool:
@@ -376,9 +404,12 @@ def _site(sm, out, q, k, qk: QK, v, scores: Scores, sinks) -> AttentionSite:
         if k is None:
             k = graph.call_method("transpose", (qk.k_t, -2, -1))
             _set_value(k, value(qk.k_t).transpose(-2, -1))
-        if len(q_s) == 3:  # [B*H, T, D] -> [B*H, 1, T, D]
-            q, k, v = (_unsqueeze(graph, t) for t in (q, k, v))
         mask = _combine_masks(graph, scores)
+        if len(q_s) == 3:  # [B*H, T, D] -> [B, H, T, D] when the scores showed B and H, else [B*H, 1, T, D]
+            heads = scores.heads or (q_s[0], 1)
+            q, k, v = (_split_heads(graph, t, heads) for t in (q, k, v))
+            if mask is not None:
+                mask = graph.call_function(heads_dim_mask, (mask, heads))
     k_base, k_rep = strip_kv_repeat(k)
     v_base, v_rep = strip_kv_repeat(v)
     if k_rep != v_rep:
@@ -397,9 +428,9 @@ def _site(sm, out, q, k, qk: QK, v, scores: Scores, sinks) -> AttentionSite:
     return site
 
 
-def _unsqueeze(graph, node):
-    new = graph.call_method("unsqueeze", (node, 1))
-    _set_value(new, value(node).unsqueeze(1))
+def _split_heads(graph, node, heads):
+    new = graph.call_method("unflatten", (node, 0, heads))
+    _set_value(new, value(node).unflatten(0, heads))
     return new
 
 
@@ -431,6 +462,13 @@ def combine_masks(keep, additive):
     if keep_mask is not None:
         total = total.masked_fill(~keep_mask, float("-inf"))
     return total
+
+
+def heads_dim_mask(mask, heads):
+    """A mask of the 3-D bmm form ([B*H | 1, L, S]) in the canonical [B, H, L, S] layout (4-D masks pass)."""
+    if mask.dim() != 3:
+        return mask
+    return mask.unflatten(0, heads) if mask.shape[0] == heads[0] * heads[1] else mask.unsqueeze(1)
 
 
 def _mask_kind(scores: Scores) -> Optional[str]:

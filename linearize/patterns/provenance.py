@@ -29,8 +29,12 @@ _MAX_PROJECTION_DISTANCE = 32  # nodes walked back from a pre-RoPE tensor to its
 
 
 def strip_rope(node: fx.Node) -> tuple[fx.Node, Optional[str]]:
-    """If `node` is `x*cos + rotate_half(x)*sin` (any operand order), return (x, "rotate_half")."""
+    """If `node` is `x*cos + rotate_half(x)*sin` (any operand order), return (x, "rotate_half"); for partial
+    rotary, `cat([rope(x[..., :r]), x[..., r:]], -1)`, return (x, "partial_rotate_half")."""
     node = skip_casts(node)
+    partial = _strip_partial_rope(node)
+    if partial is not None:
+        return partial, "partial_rotate_half"
     if not is_op(node, "add") or len(node.args) != 2:
         return node, None
     a, b = node.args
@@ -44,6 +48,21 @@ def strip_rope(node: fx.Node) -> tuple[fx.Node, Optional[str]]:
             if any(_is_rotate_half_of(r, x0) for r in rotated.args if isinstance(r, fx.Node)):
                 return x0, "rotate_half"
     return node, None
+
+
+def _strip_partial_rope(node: fx.Node) -> Optional[fx.Node]:
+    if not is_op(node, "cat"):
+        return None
+    parts = node.args[0] if node.args else None
+    if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and all(isinstance(p, fx.Node) for p in parts)):
+        return None
+    rotated, passed = parts
+    inner, rope = strip_rope(rotated)
+    passed = skip_casts(passed)
+    if rope != "rotate_half" or not (is_op(inner, "getitem") and is_op(passed, "getitem")):
+        return None
+    base = inner.args[0]
+    return base if passed.args[0] is base else None
 
 
 def _is_rotate_half_of(node: fx.Node, x: fx.Node) -> bool:
@@ -67,12 +86,17 @@ def _is_rotate_half_of(node: fx.Node, x: fx.Node) -> bool:
     return reached
 
 
+def is_projection(node: fx.Node) -> bool:
+    """`linear`, or the Conv1D form GPT-2 style models use (`addmm(bias, x, weight)`)."""
+    return is_op(node, "linear", "addmm")
+
+
 def nearest_projection(node: fx.Node) -> Optional[fx.Node]:
-    """Breadth-first backwards to the closest `linear` call (the q/k projection)."""
+    """Breadth-first backwards to the closest projection call (the q/k projection)."""
     queue, seen = deque([(node, 0)]), {node}
     while queue:
         n, dist = queue.popleft()
-        if is_op(n, "linear"):
+        if is_projection(n):
             return n
         if dist >= _MAX_PROJECTION_DISTANCE:
             continue

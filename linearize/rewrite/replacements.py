@@ -74,23 +74,3 @@ def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: fl
     swa = window_attention(q, k, v, window=window, scale=window_scale)
     gla = gla_attention(q_pre, k_pre, v, **gla_params)
     return w_window * swa + w_linear * gla
-
-
-def mask_is_causal(mask: torch.Tensor) -> torch.Tensor:
-    """True iff an explicit SDPA mask [.., L, L] is exactly the causal mask (no padding, no bias)."""
-    L, S = mask.shape[-2:]
-    causal = torch.ones(L, S, dtype=torch.bool, device=mask.device).tril()
-    if mask.dtype == torch.bool:
-        return (mask == causal).all()
-    allowed = mask == 0
-    blocked = mask <= torch.finfo(mask.dtype).min / 2
-    return ((allowed & causal) | (blocked & ~causal)).all()
-
-
-def lolcats_attention(q, k, v, q_pre, k_pre, *, window: int, window_scale: float, feature_map: str):
-    """LoLCATs: softmax over the last `window` keys (RoPE'd q, k) and feature-map linear attention over every older
-    key (pre-RoPE q, k), one shared normaliser (`torch.ops.linearize.hybrid_attention`)."""
-    phi = FEATURE_MAPS[feature_map]
-    fq, fk = phi(q_pre.float()), phi(k_pre.float())
-    o = torch.ops.linearize.hybrid_attention(q.float(), k.float(), v.float(), fq, fk, window_scale, window)
-    return o.to(v.dtype)

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from . import replacements as R
+from .guards import mask_is_causal
 from .gates import NONNEGATIVE_FEATURE_MAPS
 
 GLA_DEFAULTS = {"gate": "logsigmoid", "gate_normalizer": 16.0, "feature_map": "softmax", "chunk_size": 64,
@@ -160,10 +161,10 @@ def _guard_mask(graph: fx.Graph, site) -> None:
     """
     if site.attn_mask is None or site.is_causal:
         return
-    ok = graph.call_function(R.mask_is_causal, (site.attn_mask,))
-    graph.call_function(torch._assert_async, (ok, f"linearize: the attention mask at {site.module_path} is not "
-                        "purely causal (padding?); this rewrite only supports causal masks. Pass no padded "
-                        "attention_mask, or use rules='exact' or 'keep'."))
+    ok = graph.call_function(mask_is_causal, (site.attn_mask,))
+    graph.call_function(torch._assert_async, (ok, f"linearize: the attention mask at {site.module_path} is neither "
+                        "causal nor a causal sliding window (padding?); window and linear rewrites support only "
+                        "those. Pass no padded attention_mask, or use rules='exact' or 'keep'."))
 
 
 def _emit_exact(graph, site, params):
