@@ -118,7 +118,8 @@ def backward(spec: KernelSpec, do: Tensor, dht: Tensor | None, q: Tensor, k: Ten
             q, do, bbuf, dht if dht is not None else do, dhbuf, dh0, T, N, HQ, HKV, dscale,
             HAS_DHT=dht is not None, BV=BV)
         _wrap(mod.chunk_bwd)[(N, B * HKV)](
-            q, k, v, do, bbuf, hbuf, dhbuf, dq, dk, dv, dg if dg.numel() else dv, T, N, HQ, HKV, dscale)
+            q, k, v, g if g is not None else k, do, bbuf, hbuf, dhbuf, dq, dk, dv, dg if dg.numel() else dv,
+            T, N, HQ, HKV, dscale)
     if spec.has_window:
         dq_win = torch.empty_like(q_win)
         dk_win = torch.empty_like(k_win)

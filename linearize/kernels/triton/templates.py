@@ -326,7 +326,7 @@ CHUNK_BWD = """
 
 
 @triton.jit
-def chunk_bwd(q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+def chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, b_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
               T, N, HQ, HKV, dscale):
     # Linear-branch gradients of one chunk, one program per (chunk, batch x KV head), sub-chunks last to first
     # so the gate gradient (a reverse cumsum) is carried in registers. dscale = mix weight * scale.
@@ -431,8 +431,10 @@ def chunk_bwd(q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr,
         dkp += _log_gate_vjp(kp, dg)
 #endif
 #if GATE_GIVEN
-        tl.store(dg_ptr + i_bk.to(tl.int64) * T * GK + ri[:, None] * GK + rg[None, :],
-                 dg.to(dg_ptr.dtype.element_ty), mask=vi[:, None])
+        g_at = i_bk.to(tl.int64) * T * GK + ri[:, None] * GK + rg[None, :]
+        g_raw = tl.load(g_ptr + g_at, mask=vi[:, None], other=0.0).to(tl.float32)
+        dg = tl.where(g_raw >= GATE_FLOOR, dg, 0.0)  # the clamped gate is flat there
+        tl.store(dg_ptr + g_at, dg.to(dg_ptr.dtype.element_ty), mask=vi[:, None])
 #endif
         tl.store(dk_ptr + i_bk.to(tl.int64) * T * HK + ri[:, None] * HK + rk[None, :],
                  dkp.to(dk_ptr.dtype.element_ty), mask=vi[:, None])
