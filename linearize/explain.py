@@ -105,8 +105,9 @@ class Report:
             B, Hq, Hkv, L, S, D, Dv = s.shape
             causal = "yes" if s.is_causal else ("mask" if s.attn_mask is not None else "no")
             prov = f"k_proj {s.provenance.k_proj_path}" if s.provenance else f"missing: {s.provenance_missing}"
-            row = [str(s.layer), s.module_path, v.source_text, s.pattern, f"{Hq}/{Hkv}", causal, prov,
-                   v.rule_where or "-", v.rewrite_text, s.reason or ""]
+            src = v.module_source
+            row = [str(s.layer), s.module_path, f"{src.where().rsplit('/', 1)[-1]}" if src else "", s.pattern, f"{Hq}/{Hkv}", causal, prov,
+                   (v.rule_where or "-").rsplit("/", 1)[-1], v.rewrite_text, s.reason or ""]
             if with_numerics:
                 row.insert(-1, v.numerics_text)
             t.add_row(*row)

@@ -98,7 +98,9 @@ def collect_graph_breaks(reasons, sites_with_frames) -> list:
         if not getattr(r, "graph_break", True):
             continue
         frames = frames_of(r.user_stack)
-        key = (r.reason, tuple((f.file, f.line) for f in frames))
+        # Dynamo reports a break in an inlined call twice (first with the caller's frames, then from the callee's
+        # own frame): keep the first, which has the longer stack
+        key = (r.reason, (frames[-1].file, frames[-1].line) if frames else None)
         if key in seen:
             continue
         seen.add(key)

@@ -126,7 +126,7 @@ def subgraph_dot(snap: GraphSnapshot, core, inputs=(), outputs=(), *, roles: Opt
         if info.op == "placeholder":
             label, shape = info.label, "note"
         else:
-            label = info.label if border else f"{info.label}\n{info.name}"
+            label = info.label if border or info.name == info.label else f"{info.label}\n{info.name}"
             shape = "box"
             if not border and mod and mod != home:
                 label += f"\n[{_rel(mod, home) if home else mod}]"

@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 from .draw import ROLE_STYLE, dot_available, render_svgs
 from .render import site_dot, unmatched_dot
-from .views import site_views, unmatched_views
+from .views import _fmt_param, site_views, unmatched_views
 
 CSS = """
 :root { --fg:#1d1d1f; --muted:#6e6e73; --line:#d2d2d7; --bg:#fbfbfd; --accent:#d94801; }
@@ -56,7 +56,7 @@ figure { flex: 1 1 0; min-width: 0; margin: 0; border: 1px solid var(--line); bo
 figure figcaption { display: flex; justify-content: space-between; padding: 4px 8px; font-size: 12px;
                     border-bottom: 1px solid var(--line); background: #fafafa; }
 figure .canvas { overflow: auto; max-height: 85vh; padding: 4px; }
-figure.fit .canvas svg { width: 100%; height: auto; }
+figure.fit .canvas svg { max-width: 100%; height: auto; }
 button { font: inherit; font-size: 12px; padding: 1px 8px; cursor: pointer; }
 .legend span { display: inline-block; margin: 0 14px 4px 0; font-size: 12px; }
 .legend i { display: inline-block; width: 14px; height: 12px; border: 2px solid; border-radius: 3px;
@@ -194,6 +194,14 @@ def _site_section(v, svgs: dict, dots: dict, numerics_on: bool) -> str:
             f'<dl class="facts">{dl}</dl><div class="pair">{"".join(figs)}</div></section>')
 
 
+def _params_cell(v, shown: int = 3) -> str:
+    items = [f"{k}={_fmt_param(val)}" for k, val in v.site.params.items()]
+    if not items:
+        return '<span class="muted">-</span>'
+    text = ", ".join(items[:shown]) + (f", … (+{len(items) - shown})" if len(items) > shown else "")
+    return f'<code class="params" title="{_e(v.params_text)}">{_e(text)}</code>'
+
+
 def _summary_table(views, numerics_on: bool) -> str:
     head = ["#", "layer", "module", "source", "pattern", "rule", "rewrite", "parameters", "provenance"]
     if numerics_on:
@@ -213,7 +221,7 @@ def _summary_table(views, numerics_on: bool) -> str:
         cells = [f'<a href="#{v.anchor}">{v.index}</a>', _e(s.layer if s.layer is not None else "-"),
                  f"<code>{_e(s.module_path or '-')}</code>", f"<code>{_e(v.source_text)}</code>", _e(s.pattern),
                  f"<code title=\"{_e(s.rule)}\">{_e(rule.rsplit('/', 1)[-1])}</code>", f"<b>{_e(s.rewrite)}</b>",
-                 f'<code class="params">{_e(v.params_text)}</code>', prov]
+                 _params_cell(v), prov]
         if numerics_on:
             n = v.numerics
             cells += [f'<span class="num">{_fmt(n.local if n else None, ".2e")}</span>',

@@ -126,8 +126,9 @@ def _check_causal_self(site) -> Optional[str]:
     B, Hq, Hkv, L, S, D, Dv = site.shape
     if L != S:
         return f"query length {L} differs from key length {S} (decoding with a KV cache is not rewritten)"
-    if not site.is_causal and site.attn_mask is None:
-        return "non-causal attention (encoder or cross attention): window and linear rewrites are causal"
+    if site.causality == "none":
+        how = "key-padding mask only" if site.attn_mask is not None else "no causal mask"
+        return f"non-causal attention ({how}: encoder or cross attention); window and linear rewrites are causal"
     return None
 
 
