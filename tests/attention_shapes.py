@@ -127,6 +127,11 @@ def cross_attention(q, k, v):
     return torch.softmax(q @ mem_k.transpose(-2, -1) * 0.25, -1) @ mem_v
 
 
+def key_padding_only(q, k, v, pad):
+    """A bidirectional encoder with a [B, 1, 1, S] key-padding mask: cannot be causal, whatever its values."""
+    return torch.softmax(q @ k.transpose(-2, -1) * 0.25 + pad, -1) @ v
+
+
 def dropout_train(q, k, v):
     return F.dropout(torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1), p=0.2, training=True) @ v
 
@@ -160,4 +165,5 @@ SHAPES = {
     "alibi_bias": (alibi_bias, lambda: (), {"mask_kind": "bias"}),
     "cross_attention": (cross_attention, lambda: (), {"is_causal": False, "attn_mask": None}),
     "dropout_train": (dropout_train, lambda: (), {"dropout_p": 0.2}),
+    "key_padding_only": (key_padding_only, lambda: (torch.zeros(2, 1, 1, T),), {"causality": "none"}),
 }

@@ -58,6 +58,7 @@ def test_exact_gradients_through_sinks_and_softcap():
     ("sinks_gpt_oss", "sinks"),
     ("alibi_bias", "bias"),
     ("cross_attention", "length"),
+    ("key_padding_only", "key-padding mask only"),
     ("dropout_train", "dropout"),
 ])
 def test_what_rewrites_cannot_reproduce_keeps_softmax_with_a_reason(name, reason):

@@ -425,6 +425,8 @@ def _site(sm, out, q, k, qk: QK, v, scores: Scores, sinks) -> AttentionSite:
         shape=(B, Hq, Hkv, L, S, D, Dv), matched_nodes=[qk.node, *scores.nodes, sm, out],
     )
     site.softcap, site.sinks, site.mask_kind, site.out_rank = scores.softcap, sinks, _mask_kind(scores), len(q_s)
+    rows = [s[-2] for m, _ in scores.keep_masks + scores.additive if (s := shape(m)) and len(s) >= 2]
+    site.mask_rows = max(rows) if rows else None
     return site
 
 

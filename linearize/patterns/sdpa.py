@@ -49,7 +49,9 @@ def match(node: fx.Node) -> Union[AttentionSite, str, None]:
     path = module_path(node)
     B, _, L, D = q_s
     S, Dv = k_s[2], v_s[3]
+    mask_s = shape(mask) if isinstance(mask, fx.Node) else None
     return AttentionSite(
+        mask_rows=mask_s[-2] if mask_s and len(mask_s) >= 2 else None,
         node=node,
         q=q,
         k=k_base,

@@ -54,6 +54,17 @@ class AttentionSite:
     sinks: Optional[fx.Node] = None  # per-head sink logits joining the softmax denominator (gpt-oss)
     mask_kind: Optional[str] = None  # "mask" (only hides keys) or "bias" (adds values, e.g. ALiBi)
     out_rank: int = 4  # 3 when the model wrote the 3-D [B*H, T, D] bmm form
+    mask_rows: Optional[int] = None  # largest query-dim size among the masks: 1 means key padding only
+
+    @property
+    def causality(self) -> str:
+        """"causal", "mask" (explicit mask: causal or sliding window checked at run time) or "none"."""
+        if self.is_causal:
+            return "causal"
+        L = self.shape[3] if self.shape else None
+        if self.attn_mask is None or (self.mask_rows == 1 and L != 1):
+            return "none"
+        return "mask"
     provenance: Optional[Provenance] = None
     provenance_missing: Optional[str] = None  # why provenance could not be found
     # filled by the rule pass
@@ -75,6 +86,7 @@ class AttentionSite:
             "shape": dict(zip(("B", "Hq", "Hkv", "L", "S", "D", "Dv"), self.shape)),
             "scale": self.scale,
             "is_causal": self.is_causal,
+            "causality": self.causality,
             "mask": self.attn_mask.name if self.attn_mask is not None else None,
             "gqa_groups": self.gqa_groups,
             "softcap": self.softcap,
