@@ -1,4 +1,5 @@
-"""`linearize` command line: `linearize demo`, `linearize rules list|show NAME|check FILE`."""
+"""`linearize` command line: `linearize demo`, `linearize rules list|show NAME|check FILE`, `linearize explain`,
+`linearize kernels emit --rules NAME --out DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,16 @@ def main(argv=None) -> int:
     check.add_argument("file")
     check.add_argument("--strict", action="store_true", help="treat warnings as errors (exit 1)")
 
+    kernels = sub.add_parser("kernels", help="generated Triton kernels")
+    kernels_sub = kernels.add_subparsers(dest="kernels_command", required=True)
+    emit = kernels_sub.add_parser("emit", help="write the Triton sources a rule set generates, to read them")
+    emit.add_argument("--rules", required=True, help="built-in rule set name or YAML file")
+    emit.add_argument("--out", required=True, help="folder for the .py sources and index.json")
+    emit.add_argument("--head-dim", type=int, default=64, help="K (query/key head dim); default SmolLM2's 64")
+    emit.add_argument("--head-dim-v", type=int, default=None, help="V (value head dim); default = K")
+    emit.add_argument("--group", type=int, default=3, help="query heads per KV head (GQA); default 3")
+    emit.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+
     from .report.cli import add_parser as add_explain_parser
 
     add_explain_parser(sub)
@@ -32,12 +43,31 @@ def main(argv=None) -> int:
         from .report.cli import run as run_explain
 
         return run_explain(args)
+    if args.command == "kernels":
+        return _kernels(args)
     if args.command == "demo":
         from .demo import run_demo
 
         run_demo(rules=tuple(args.rules), prefill_tokens=args.prefill_tokens, ppl_tokens=args.ppl_tokens)
         return 0
     return _rules(args)
+
+
+def _kernels(args) -> int:
+    from .kernels.triton.emit import emit
+    from .rewrite import rules as R
+
+    try:
+        index = emit(args.rules, args.out, head_dim=args.head_dim, head_dim_v=args.head_dim_v, group=args.group,
+                     dtype=args.dtype)
+    except R.RuleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for entry in index:
+        what = entry["file"] or f"not generated: {entry['not_generated']}"
+        print(f"{entry['rule']}: {entry['rewrite']} -> {what}")
+    print(f"wrote {sum(1 for e in index if e['file'])} source(s) and index.json to {args.out}")
+    return 0
 
 
 def _rules(args) -> int:

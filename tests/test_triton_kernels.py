@@ -210,3 +210,16 @@ def test_unsupported_shapes_are_refused(bad):
     spec = KernelSpec(**{"head_k": 16, "head_v": 16, "chunk": 16, **bad})
     with pytest.raises(UnsupportedSpec):
         spec.check_shapes()
+
+
+def test_cli_emits_the_recipe_sources(tmp_path, capsys):
+    from linearize.cli import main
+
+    assert main(["kernels", "emit", "--rules", "liger", "--out", str(tmp_path)]) == 0
+    sources = list(tmp_path.glob("*.py"))
+    assert len(sources) == 1 and "swa64" in sources[0].name and "k64-v64-g3-bfloat16" in sources[0].name
+    text = sources[0].read_text()
+    assert "def chunk_fwd" in text and "def window_bwd_dkv" in text and "def decode" in text
+    compile(text, sources[0].name, "exec")
+    assert (tmp_path / "index.json").is_file()
+    assert "wrote 1 source(s)" in capsys.readouterr().out

@@ -203,37 +203,72 @@ def _fixed_decays(gate: str, hkv: int, decay: float, device) -> Optional[Tensor]
     return None
 
 
+def linear_spec_fields(gate: str, gate_normalizer: float, feature_map: str, gate_lower_bound: float = 0.0
+                       ) -> tuple[dict, bool]:
+    """Spec fields of a linear branch from the rule's parameters, and whether the feature map and gate are fused
+    into the kernels (False: they run as PyTorch ops before it, the kernels see identity features and a `given`
+    gate; fixed decays stay `fixed`)."""
+    fields = {"gate_normalizer": float(gate_normalizer)}
+    fixed = gate in ("retnet", "fixed")
+    pair = _FUSED_GATES.get(gate)
+    if gate == "hgrn2" and gate_lower_bound <= 0:  # hgrn2 without a floor is the logsigmoid gate
+        pair = ("vector", "logsigmoid")
+    if feature_map in _FUSED_FEATURES and (pair is not None or fixed):
+        fields.update(gate="fixed" if fixed else pair[0], gate_fn="logsigmoid" if fixed else pair[1],
+                      feature_map=feature_map)
+        return fields, True
+    fields.update(gate="fixed" if fixed else "vector", gate_fn="logsigmoid" if fixed else "given",
+                  feature_map="identity")
+    return fields, False
+
+
 def _linear_inputs(q_pre: Tensor, k_pre: Tensor, *, gate: str, gate_normalizer: float, feature_map: str,
                    gate_lower_bound: float = 0.0, decay: float = 0.99):
     """(spec fields, q, k, g) for the linear branch: fused feature map and gate where the kernels have them,
     else computed here in PyTorch and handed over (identity feature map, `given` gate)."""
-    fields = {"gate_normalizer": float(gate_normalizer)}
+    fields, fused = linear_spec_fields(gate, gate_normalizer, feature_map, gate_lower_bound)
     fixed = _fixed_decays(gate, k_pre.shape[1], decay, k_pre.device)
-    fuse_gate = gate in _FUSED_GATES and not (gate == "hgrn2" and gate_lower_bound > 0)
-    if gate == "hgrn2" and gate_lower_bound <= 0:  # hgrn2 without a floor is the logsigmoid gate
-        fuse_gate, gate_pair = True, ("vector", "logsigmoid")
-    else:
-        gate_pair = _FUSED_GATES.get(gate)
-    if feature_map in _FUSED_FEATURES and (fuse_gate or fixed is not None):
-        if fixed is not None:
-            fields.update(gate="fixed", gate_fn="logsigmoid")
-        else:
-            fields.update(gate=gate_pair[0], gate_fn=gate_pair[1])
-        fields["feature_map"] = feature_map
+    if fused:
         return fields, q_pre, k_pre, fixed
     # Unfused: feature map and gate as PyTorch ops around the kernel (autograd handles their backward).
     from ..rewrite.gates import FEATURE_MAPS, GATES
 
     phi = FEATURE_MAPS[feature_map]
-    qf, kf = phi(q_pre.float()), phi(k_pre.float())
+    qf, kf = phi(q_pre.float()).to(q_pre.dtype), phi(k_pre.float()).to(k_pre.dtype)
     if fixed is not None:
-        fields.update(gate="fixed", gate_fn="logsigmoid", feature_map="identity")
-        return fields, qf.to(q_pre.dtype), kf.to(k_pre.dtype), fixed
+        return fields, qf, kf, fixed
     g = GATES[gate](k_pre.float(), normalizer=gate_normalizer, lower_bound=gate_lower_bound, decay=decay)
     if g.shape[-1] != kf.shape[-1]:
         g = g.repeat(1, 1, 1, kf.shape[-1] // g.shape[-1])
-    fields.update(gate="vector", gate_fn="given", feature_map="identity")
-    return fields, qf.to(q_pre.dtype), kf.to(k_pre.dtype), g.contiguous()
+    return fields, qf, kf, g.contiguous()
+
+
+def rule_spec(rewrite: str, params: dict, *, head_k: int, head_v: int, group: int, dtype: str = "bfloat16"):
+    """The KernelSpec a rule's rewrite would use for these head dims (no tensors needed), or a reason string."""
+    from ..kernels.triton.spec import KernelSpec, UnsupportedSpec
+
+    shapes = dict(head_v=head_v, group=group, dtype=dtype)
+    try:
+        if rewrite == "swa":
+            spec = KernelSpec(linear=False, window=int(params["window"]), chunk=16, head_k=head_k, **shapes)
+        elif rewrite in ("gla", "liger"):
+            if params.get("normalize"):
+                return "normalize: true (the denominator column) is not generated"
+            fields, fused = linear_spec_fields(params["gate"], params["gate_normalizer"], params["feature_map"],
+                                               params.get("gate_lower_bound", 0.0))
+            width = head_k * (2 if params["feature_map"] == "hedgehog" else 1)
+            extra = {"window": int(params["window"]), "mix": tuple(float(x) for x in params["mix"])} \
+                if rewrite == "liger" else {}
+            spec = KernelSpec(chunk=int(params["chunk_size"]), scale=float(params.get("scale", 1.0)),
+                              head_k=width, **fields, **extra, **shapes)
+        elif rewrite == "lolcats":
+            spec = KernelSpec(window=int(params["window"]), mix_mode="shared", head_k=head_k, **shapes)
+        else:
+            return f"rewrite {rewrite!r} has no generated kernel"
+        spec.check_shapes()
+    except UnsupportedSpec as exc:
+        return str(exc)
+    return spec
 
 
 def _build(q: Tensor, k: Tensor, v: Tensor, **fields):

@@ -144,7 +144,8 @@ class KernelSpec:
     def name(self) -> str:
         parts = []
         if self.linear:
-            parts.append(f"gla-{self.gate}-{self.gate_fn}-{self.feature_map}".replace("+", "p"))
+            gate = self.gate if self.gate in ("none", "fixed") else f"{self.gate}-{self.gate_fn}"
+            parts.append(f"gla-{gate}-{self.feature_map}".replace("+", "p"))
         if self.has_window:
             parts.append(f"swa{self.window}")
         parts.append(f"c{self.chunk}-k{self.head_k}-v{self.head_v}-g{self.group}-{self.dtype}")
