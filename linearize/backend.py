@@ -21,7 +21,8 @@ NO_ATTENTION_WARNING = ("linearize: no softmax attention found in a captured gra
 def linearize_backend(gm, example_inputs, options=None, mode=None):
     """Rewrite the attention sites of one captured graph, then hand it to the inner compiler."""
     opts = Options.from_dict(options)
-    ctx = PassContext(rules=rule_sets.load(opts.rules), options=opts, graph_id=next(_graph_ids))
+    ctx = PassContext(rules=rule_sets.load(opts.rules), options=opts, graph_id=next(_graph_ids),
+                      example_inputs=example_inputs)
     with kernel_choice(opts.kernels):  # the emitted replacements carry the kernel choice
         gm = run_pipeline(gm, ctx)
     if not ctx.sites:

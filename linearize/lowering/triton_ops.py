@@ -117,16 +117,18 @@ def _attention_fake(q, k, v, q_win, k_win, g, initial_state, spec, scale, window
 def _attention_backward_fake(grad_out, grad_final_state, q, k, v, q_win, k_win, g, initial_state, lse, spec,
                              scale, window_scale):
     s = _spec(spec)
-    empty = q.new_empty(0)
+
+    def empty():
+        return q.new_empty(0)
 
     def like(x):  # the kernels write contiguous outputs whatever the inputs' strides
         return x.new_empty(x.shape)
 
-    dq = like(q) if s.linear else empty
-    dk = like(k) if s.linear else empty
-    dq_win = like(q_win) if s.has_window else empty
-    dk_win = like(k_win) if s.has_window else empty
-    dg = like(g) if s.linear and s.gate_given else empty
+    dq = like(q) if s.linear else empty()
+    dk = like(k) if s.linear else empty()
+    dq_win = like(q_win) if s.has_window else empty()
+    dk_win = like(k_win) if s.has_window else empty()
+    dg = like(g) if s.linear and s.gate_given else empty()
     dims = (s.head_k, s.head_v) if s.linear else (0, 0)
     dh0 = q.new_empty(q.shape[0], k.shape[1], *dims, dtype=torch.float32)
     return dq, dk, like(v), dq_win, dk_win, dg, dh0

@@ -1,6 +1,6 @@
 """The pass pipeline over Dynamo's FX graph: a list of named passes, each `(gm, ctx) -> gm`.
 
-graph in -> find_attention -> trace_provenance -> apply_rules -> rewrite_sites -> cleanup -> graph out (lowering)
+graph in -> find_attention -> trace_provenance -> classify_masks -> apply_rules -> rewrite_sites -> cleanup -> graph out (lowering)
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .apply_rules import apply_rules
+from .classify_masks import classify_masks
 from .cleanup import cleanup
 from .context import PassContext
 from .find_attention import find_attention
@@ -23,7 +24,7 @@ class Pass:
 
 
 DEFAULT_PIPELINE = [Pass(fn.__name__, fn) for fn in
-                    (find_attention, trace_provenance, apply_rules, rewrite_sites, cleanup)]
+                    (find_attention, trace_provenance, classify_masks, apply_rules, rewrite_sites, cleanup)]
 
 
 def run_pipeline(gm, ctx: PassContext, passes=DEFAULT_PIPELINE):

@@ -12,6 +12,7 @@ class PassContext:
     rules: RuleSet
     options: Any = None  # linearize.options.Options
     graph_id: int = 0
+    example_inputs: Any = None  # the real inputs Dynamo compiles for (masks are evaluated on them)
     sites: list = field(default_factory=list)  # AttentionSite, in graph order
     unmatched: list = field(default_factory=list)  # patterns.Unmatched
     timings: dict = field(default_factory=dict)  # pass name -> seconds

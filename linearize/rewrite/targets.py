@@ -127,8 +127,12 @@ def _check_causal_self(site) -> Optional[str]:
     if L != S:
         return f"query length {L} differs from key length {S} (decoding with a KV cache is not rewritten)"
     if site.causality == "none":
-        how = "key-padding mask only" if site.attn_mask is not None else "no causal mask"
+        how = ("no causal mask" if site.attn_mask is None else
+               "bidirectional mask on the example input" if site.mask_example == "bidirectional" else
+               "key-padding mask only")
         return f"non-causal attention ({how}: encoder or cross attention); window and linear rewrites are causal"
+    if site.mask_example == "padded":
+        return "the example input is padded: window and linear rewrites do not support padding masks yet"
     return None
 
 

@@ -98,11 +98,13 @@ def backward(spec: KernelSpec, do: Tensor, dht: Tensor | None, q: Tensor, k: Ten
     mod = _module(spec, q.device)
     BV = _block_v(spec, q.device)
     dev = q.device
-    empty = torch.empty(0, dtype=q.dtype, device=dev)
-    dq = torch.empty_like(q) if spec.linear else empty
-    dk = torch.empty_like(k) if spec.linear else empty
+    def empty():  # a fresh placeholder each time: op outputs may not alias each other
+        return torch.empty(0, dtype=q.dtype, device=dev)
+
+    dq = torch.empty_like(q) if spec.linear else empty()
+    dk = torch.empty_like(k) if spec.linear else empty()
     dv = torch.empty_like(v)
-    dg = torch.empty_like(g) if spec.linear and spec.gate_given else empty
+    dg = torch.empty_like(g) if spec.linear and spec.gate_given else empty()
     dh0 = torch.empty(B, HKV, HK if spec.linear else 0, HV if spec.linear else 0, dtype=torch.float32,
                       device=dev)
     mix_w, mix_l = (spec.mix if spec.has_window and spec.linear else (1.0, 1.0))
@@ -130,7 +132,7 @@ def backward(spec: KernelSpec, do: Tensor, dht: Tensor | None, q: Tensor, k: Ten
         _wrap(mod.window_bwd_dkv)[(nb, B * HKV)](
             q_win, k_win, v, do, lse, delta, dk_win, dv, T, HQ, HKV, float(window_scale), ACC_DV=spec.linear)
     else:
-        dq_win = dk_win = empty
+        dq_win, dk_win = empty(), empty()
     return dq, dk, dv, dq_win, dk_win, dg, dh0
 
 
