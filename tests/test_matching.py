@@ -135,3 +135,25 @@ def test_bloom_alibi_baddbmm_is_matched_and_kept_for_linear_rewrites():
     exact = torch.compile(model, backend="linearize", options={"rules": "exact", "inner": "eager"})
     with torch.no_grad():
         torch.testing.assert_close(exact(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_are_classified_on_the_example_input():
+    model = tiny_model("llama")
+    ids = _ids(model, B=2)
+    padded = torch.ones_like(ids)
+    padded[1, :3] = 0
+    report = linearize.explain(model, ids, rules="liger", attention_mask=padded)
+    assert all(s.mask_example == "padded" and s.rewrite == "keep" and "padded" in s.reason for s in report.sites)
+    report = linearize.explain(model, ids, rules="liger", attention_mask=torch.ones_like(ids))
+    assert all(s.mask_example == "causal" and s.rewrite == "liger" for s in report.sites)
+
+
+def test_bidirectional_mask_is_non_causal():
+    def encoder_attention(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    (site,) = linearize.explain(encoder_attention, q, k, v, mask, rules="swa").sites
+    assert site.mask_example == "bidirectional" and site.causality == "none" and site.rewrite == "keep"
+    assert "bidirectional" in site.reason

@@ -55,6 +55,7 @@ class AttentionSite:
     mask_kind: Optional[str] = None  # "mask" (only hides keys) or "bias" (adds values, e.g. ALiBi)
     out_rank: int = 4  # 3 when the model wrote the 3-D [B*H, T, D] bmm form
     mask_rows: Optional[int] = None  # largest query-dim size among the masks: 1 means key padding only
+    mask_example: Optional[str] = None  # the mask on the example input: causal, bidirectional or padded
 
     @property
     def causality(self) -> str:
@@ -62,7 +63,7 @@ class AttentionSite:
         if self.is_causal:
             return "causal"
         L = self.shape[3] if self.shape else None
-        if self.attn_mask is None or (self.mask_rows == 1 and L != 1):
+        if self.attn_mask is None or (self.mask_rows == 1 and L != 1) or self.mask_example == "bidirectional":
             return "none"
         return "mask"
     provenance: Optional[Provenance] = None
@@ -87,6 +88,7 @@ class AttentionSite:
             "scale": self.scale,
             "is_causal": self.is_causal,
             "causality": self.causality,
+            "mask_example": self.mask_example,
             "mask": self.attn_mask.name if self.attn_mask is not None else None,
             "gqa_groups": self.gqa_groups,
             "softcap": self.softcap,
