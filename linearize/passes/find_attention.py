@@ -3,5 +3,6 @@ from ..patterns import find_sites
 
 
 def find_attention(gm, ctx):
-    ctx.sites, ctx.unmatched = find_sites(gm.graph)
+    extra = tuple(getattr(ctx.rules, "patterns", {}).values())  # the rule file's own attention shapes
+    ctx.sites, ctx.unmatched = find_sites(gm.graph, extra=extra)
     return gm

@@ -25,11 +25,16 @@ class Unmatched:
     reason: str
 
 
-def find_sites(graph: fx.Graph) -> tuple[list[AttentionSite], list[Unmatched]]:
-    """Every attention site in the graph, in graph order, and every softmax left alone with a reason."""
+def find_sites(graph: fx.Graph, extra=()) -> tuple[list[AttentionSite], list[Unmatched]]:
+    """Every attention site in the graph, in graph order, and every softmax left alone with a reason.
+
+    `extra`: more patterns for this graph only (a rule file's `patterns:`), tried before the library's.
+    """
     sites, unmatched, covered = [], [], set()
     for node in graph.nodes:
-        for pattern in PATTERNS:
+        if node in covered:  # already part of a site (e.g. the output matmul of a softmax-anchored match)
+            continue
+        for pattern in (*extra, *PATTERNS):
             found = pattern.match(node)
             if isinstance(found, AttentionSite):
                 sites.append(found)

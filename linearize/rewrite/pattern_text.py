@@ -118,6 +118,8 @@ def parse_expression(text, mark: Mark, lets: Optional[dict] = None, what: str = 
                          suggest(name, REQUIRED + OPTIONAL + tuple(lets)) or
                          "captures are $q, $k, $v (required), $scale and $mask (optional), and `let:` names")
                 return Cap(name)
+            if node.id in ("inf", "nan"):
+                return Lit(float(node.id))
             if node.id in ("True", "False", "None", "true", "false", "null"):
                 return Lit({"True": True, "true": True, "False": False, "false": False}.get(node.id))
             fail(node, f"bare name `{node.id}` in a {what}",
@@ -151,7 +153,10 @@ def parse_expression(text, mark: Mark, lets: Optional[dict] = None, what: str = 
             val = literal(node)
             if val is not _NOT_LITERAL:
                 return Lit(val)
-            return Op("neg", conv(node.operand))
+            inner = conv(node.operand)
+            if isinstance(inner, Lit) and isinstance(inner.value, (int, float)):
+                return Lit(-inner.value)  # -inf
+            return Op("neg", inner)
         val = literal(node)
         if val is not _NOT_LITERAL and not isinstance(val, (dict, set, bytes, complex)):
             return Lit(val)

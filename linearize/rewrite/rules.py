@@ -385,7 +385,12 @@ class _Compiler:
             default = target.defaults[key]
             numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
             if numeric and isinstance(val, str) and not _is_choice(target, key):
-                formula = shape_expr.parse(val, vm, boolean=False)
+                try:
+                    formula = shape_expr.parse(val, vm, boolean=False)
+                except RuleError as exc:
+                    kind = "an integer" if isinstance(default, int) else "a number"
+                    raise RuleError(f"bad `{key}`: expected {kind} or a formula over the site's dimensions; "
+                                    f"{exc.problem}", exc.mark, exc.hint) from None
                 if formula.free:
                     formulas[key] = formula
                     continue
