@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 import linearize
 from linearize.models import tiny_model
+from linearize.passes import DEFAULT_PIPELINE
 from linearize.report.draw import dot_available, render_svg
+from linearize.report.views import unmatched_views
 
 needs_dot = pytest.mark.skipif(dot_available() is None, reason="Graphviz `dot` not installed (apt-get install "
                                                                "graphviz; .ci/run installs it)")
@@ -88,7 +90,7 @@ def test_unmatched_attention_variant_is_reported_as_a_near_miss_with_its_reason(
     assert len(report.sites) == 1
     (u,) = report.unmatched
     assert report.near_misses == [u]
-    (view,) = [v for v in __import__("linearize.report.views", fromlist=["x"]).unmatched_views(report)]
+    (view,) = unmatched_views(report)
     assert view.pattern == "sdpa" and view.near_miss
     assert view.source_text.endswith(f"test_report.py:{TwoAttentions.forward.__code__.co_firstlineno + 5}")
     reason = u.reason
@@ -294,7 +296,7 @@ def test_html_report_without_graphviz_still_works(llama_report, tmp_path, monkey
 
 # ----- debug dump -----------------------------------------------------------------------------------------------
 
-STAGES = ["input", "find_attention", "trace_provenance", "apply_rules", "rewrite_sites", "cleanup"]
+STAGES = ["input"] + [p.name for p in DEFAULT_PIPELINE]
 
 
 def _check_debug_dir(root: Path):
@@ -302,15 +304,16 @@ def _check_debug_dir(root: Path):
     for i, stage in enumerate(STAGES):
         for ext in ("py", "diff", "dot"):
             assert (gdir / f"{i:02d}_{stage}.{ext}").is_file(), f"{i:02d}_{stage}.{ext}"
-    assert (gdir / "01_find_attention.diff").read_text() == "no change\n"
-    rewrite = (gdir / "04_rewrite_sites.diff").read_text()
+    stem = {s: f"{i:02d}_{s}" for i, s in enumerate(STAGES)}
+    assert (gdir / f"{stem['find_attention']}.diff").read_text() == "no change\n"
+    rewrite = (gdir / f"{stem['rewrite_sites']}.diff").read_text()
     assert "+    liger_attention" in rewrite and "-    attn_output" in rewrite
-    header = (gdir / "03_apply_rules.py").read_text().splitlines()[:4]
+    header = (gdir / f"{stem['apply_rules']}.py").read_text().splitlines()[:4]
     assert any("-> liger" in line for line in header), header
     lines = (gdir / "passes.txt").read_text().splitlines()
     assert [ln.split()[0] for ln in lines] == [f"{i:02d}_{s}" for i, s in enumerate(STAGES)]
     if dot_available():
-        assert (gdir / "04_rewrite_sites.svg").read_text().startswith("<svg")
+        assert (gdir / f"{stem['rewrite_sites']}.svg").read_text().startswith("<svg")
     return gdir
 
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import linearize
 from linearize.report.draw import dot_available

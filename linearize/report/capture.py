@@ -15,6 +15,9 @@ import torch.fx as fx
 from .snapshot import Frame, GraphSnapshot, frames_of, parse_stack, short_path, snapshot
 
 
+REWRITE_STAGE = "rewrite_sites"  # the pass that replaces site output nodes
+
+
 @dataclass
 class Capture:
     """One captured graph: its snapshots before the first pass and after the last, and how its sites map."""
@@ -36,6 +39,7 @@ class Recorder:
 
     def __init__(self, capture: Capture, last_stage: str, keep_graphs: bool = False):
         self.capture, self.last_stage, self.keep_graphs = capture, last_stage, keep_graphs
+        self.rewritten = False
 
     def __call__(self, stage: str, gm, ctx) -> None:
         cap = self.capture
@@ -47,8 +51,10 @@ class Recorder:
                 out = graph.graph_copy(gm.graph, {})
                 graph.output(out)
                 cap.original = fx.GraphModule(gm, graph)
-        elif stage == "apply_rules":
-            # the last moment the sites still point at their original output nodes
+        if stage == REWRITE_STAGE:
+            self.rewritten = True
+        elif not self.rewritten:
+            # until the rewrite pass runs, the sites point at their original output nodes
             cap.site_outputs = [s.node.name for s in ctx.sites]
             cap.site_classes = [_module_class(s.node) for s in ctx.sites]
         if stage == self.last_stage:
@@ -77,6 +83,7 @@ class GraphBreak:
     detail: str  # the whole message
     frames: list  # Frame, outermost first
     in_attention: Optional[str] = None  # which attention code the break lies in, when it does
+    anchor: Optional[str] = None  # the HTML anchor of that site / near-miss
 
     @property
     def location(self) -> Optional[Frame]:
@@ -91,8 +98,8 @@ class GraphBreak:
 
 def collect_graph_breaks(reasons, sites_with_frames) -> list:
     """Deduplicated graph breaks from Dynamo's GraphCompileReason list; each is checked against the attention
-    code of every site / near-miss (`sites_with_frames`: (label, module class or None, [Frame])) to say whether it
-    cuts through attention."""
+    code of every site / near-miss (`sites_with_frames`: (label, module class or None, [Frame], anchor)) to say
+    whether it cuts through attention."""
     out, seen = [], set()
     for r in reasons:
         if not getattr(r, "graph_break", True):
@@ -107,13 +114,15 @@ def collect_graph_breaks(reasons, sites_with_frames) -> list:
         detail = str(r.reason).strip()
         first = detail.split("\n\n", 1)[0].strip()
         brk = GraphBreak(reason=first, detail=detail, frames=frames)
-        brk.in_attention = _attention_hit(frames, sites_with_frames)
+        hit = _attention_hit(frames, sites_with_frames)
+        if hit is not None:
+            brk.in_attention, brk.anchor = hit
         out.append(brk)
     return out
 
 
-def _attention_hit(break_frames, sites_with_frames) -> Optional[str]:
-    for label, cls, site_frames in sites_with_frames:
+def _attention_hit(break_frames, sites_with_frames) -> Optional[tuple]:
+    for label, cls, site_frames, *anchor in sites_with_frames:
         extents = []
         ext = _forward_extent(cls) if cls is not None else None
         if ext:
@@ -126,7 +135,7 @@ def _attention_hit(break_frames, sites_with_frames) -> Optional[str]:
         for file, lo, hi in extents:
             for f in break_frames:
                 if _same_file(f.file, file) and lo <= f.line <= hi:
-                    return label
+                    return label, (anchor[0] if anchor else None)
     return None
 
 

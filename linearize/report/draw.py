@@ -34,10 +34,6 @@ def dot_available() -> Optional[str]:
     return shutil.which("dot")
 
 
-def _module_of(info: NodeInfo) -> str:
-    return info.module
-
-
 def region(snap: GraphSnapshot, seeds: Iterable[str], module: str = "", limit: int = MAX_REGION):
     """The nodes to draw around `seeds`: everything in `module` (and its submodules) that the seeds depend on or
     feed, or, without a usable module, a bounded neighbourhood. Returns (core, inputs, outputs) name lists in graph

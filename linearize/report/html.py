@@ -148,7 +148,8 @@ def _site_section(v, svgs: dict, dots: dict, numerics_on: bool) -> str:
     src, inner = v.module_source, v.source
     B, Hq, Hkv, L, S, D, Dv = s.shape if len(s.shape) == 7 else (None,) * 7
     facts = [
-        ("layer", s.layer if s.layer is not None else "-"),
+        ("layer", (s.layer if s.layer is not None else "-")),
+        ("graph", f"captured graph {v.graph_id}"),
         ("module", f"<code>{_e(s.module_path or '-')}</code>"),
         ("source", (f"<code title=\"{_e(src.file)}\">{_e(src.where())}</code> in <code>{_e(src.function)}</code>: "
                     f"<code>{_e(src.code)}</code>" if src else '<span class="none">unknown</span>')
@@ -258,8 +259,9 @@ def _breaks_table(breaks) -> str:
     rows = []
     for i, b in enumerate(breaks):
         loc = b.location
-        inside = (f'<b style="color:#a50f15">inside attention</b>: {_e(b.in_attention)} (a break here cuts the '
-                  "attention off its projections, so its site cannot be matched or traced)" if b.in_attention
+        what = (f'<a href="#{_e(b.anchor)}">{_e(b.in_attention)}</a>' if b.anchor else _e(b.in_attention))
+        inside = (f'<b style="color:#a50f15">inside attention</b>: {what} (a break here cuts the attention off its '
+                  "projections, so its site cannot be matched or traced)" if b.in_attention
                   else '<span class="muted">not in attention code</span>')
         rows.append(f'<tr id="break-{i}"><td>{i}</td>'
                     f"<td><code>{_e(loc.where() if loc else '-')}</code> in <code>{_e(loc.function if loc else '-')}</code>"

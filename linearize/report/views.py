@@ -216,16 +216,17 @@ def unmatched_views(report) -> list:
 
 
 def attention_frames(report) -> list:
-    """(label, attention module class or None, frames) for every site and unmatched attention-like node: what a
+    """(label, attention module class or None, frames, anchor) for every site and unmatched attention-like node: what a
     graph break is checked against."""
     out = []
     for v in site_views(report):
         cap = v.capture
         cls = cap.site_classes[v.local_index] if cap is not None and v.local_index < len(cap.site_classes) else None
-        out.append((f"site {v.index} ({v.site.module_path or v.original_output})", cls, v.frames))
+        out.append((f"site {v.index} ({v.site.module_path or v.original_output})", cls, v.frames, v.anchor))
     for u in unmatched_views(report):
         if u.near_miss:
-            out.append((f"near-miss {u.unmatched.node} ({u.unmatched.module_path or '-'})", None, u.frames))
+            out.append((f"near-miss {u.unmatched.node} ({u.unmatched.module_path or '-'})", None, u.frames,
+                        u.anchor))
     return out
 
 
