@@ -105,12 +105,40 @@ def test_unmatched_attention_variant_is_reported_as_a_near_miss_with_its_reason(
     assert row and "near-miss" in row.group(1) and "sdpa" in row.group(1)
     import html as htmlmod
 
-    assert htmlmod.escape(reason) in row.group(1)
+    assert htmlmod.escape(view.reason_text) in row.group(1) and reason.endswith(view.reason_text)
     assert 'id="unmatched-0"' in html  # its own section, with a drawing of the partial match
     if dot_available():
         section = html[html.index('id="unmatched-0"'):]
         section = section[: section.index("</section>")]
         assert "<svg" in section and "node partial" in section
+
+
+def test_near_miss_fields_from_the_pattern_library_are_shown(near_miss_report, tmp_path):
+    """The agreed shape: `Unmatched.pattern` (name) and `Unmatched.partial` (node names the pattern covered before it
+    failed). The report prefers them to the reason's `NAME: ` prefix and highlights the partial nodes."""
+    import copy
+
+    report = copy.copy(near_miss_report)
+    ctx = copy.copy(report.contexts[0])
+    (u,) = ctx.unmatched
+    site_q = near_miss_report.sites[0]
+    u2 = copy.copy(u)
+    u2.pattern, u2.partial = "grouped_heads", [u.node, "permute_2"]
+    u2.reason = "heads are grouped in a 5-D layout"
+    ctx.unmatched = [u2]
+    report.contexts = [ctx]
+    (view,) = unmatched_views(report)
+    assert view.near_miss and view.pattern == "grouped_heads" and view.partial == [u.node, "permute_2"]
+    assert view.reason_text == "heads are grouped in a 5-D layout"
+    text = str(report)
+    assert "near-miss (grouped_heads)" in text and "matched partly: z, permute_2" in text
+    html = Path(report.write_html(tmp_path / "partial.html")).read_text()
+    assert "near-miss: <b>grouped_heads</b>" in html and "<code>z, permute_2</code>" in html
+    if dot_available():
+        section = html[html.index('id="unmatched-0"'):]
+        section = section[: section.index("</section>")]
+        assert section.count("node partial") >= 2
+    assert site_q.rewrite == "liger"
 
 
 def test_a_softmax_that_is_not_attention_is_not_a_near_miss(tmp_path):

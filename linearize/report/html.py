@@ -248,7 +248,7 @@ def _unmatched_table(uviews) -> str:
         rows.append(f'<tr id="row-{u.anchor}" class="unmatched" data-near-miss="{int(u.near_miss)}">'
                     f'<td><a href="#{u.anchor}">{u.index}</a></td><td>{kind}</td><td><code>{_e(u.unmatched.node)}</code></td>'
                     f"<td><code>{_e(u.unmatched.module_path or '-')}</code></td><td><code>{_e(u.source_text)}</code></td>"
-                    f"<td>{partial}</td><td class=\"reason\">{_e(u.unmatched.reason)}</td></tr>")
+                    f"<td>{partial}</td><td class=\"reason\">{_e(u.reason_text)}</td></tr>")
     return ('<table id="unmatched"><thead><tr><th>#</th><th>kind</th><th>node</th><th>module</th><th>source</th>'
             '<th>matched partly</th><th>reason</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
 
@@ -352,11 +352,12 @@ def build_html(report) -> str:
         fig = (_figure(svgs.get(key), "partial match" if u.near_miss else "softmax and its neighbourhood",
                        dots[key], f"{u.anchor}-fig") if key in dots else "")
         partial = f"; matched partly: <code>{_e(', '.join(u.partial))}</code>" if u.partial else ""
-        misses.append(f'<details class="module" data-module="{_e(u.unmatched.module_path)}"><summary>'
+        opened = " open" if len(uviews) <= 3 else ""
+        misses.append(f'<details class="module" data-module="{_e(u.unmatched.module_path)}"{opened}><summary>'
                       f"<code>{_e(u.unmatched.node)}</code> <span class=\"muted\">"
                       f"{'near-miss of ' + _e(u.pattern) if u.near_miss else 'softmax left alone'} in "
                       f"{_e(u.unmatched.module_path or '(top level)')}</span></summary>"
-                      f'<section class="miss" id="{u.anchor}"><p><b>reason:</b> {_e(u.unmatched.reason)}{partial}</p>'
+                      f'<section class="miss" id="{u.anchor}"><p><b>reason:</b> {_e(u.reason_text)}{partial}</p>'
                       f"{_stack_html(u.frames)}{fig}</section></details>")
 
     title = f"linearize explain: {report.model or 'model'} under rules {report.rules!r}"

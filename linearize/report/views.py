@@ -179,6 +179,13 @@ class UnmatchedView:
         return m.group(1) if m else None
 
     @property
+    def reason_text(self) -> str:
+        """The reason without the `pattern: ` prefix (the pattern is shown on its own)."""
+        reason = self.unmatched.reason or ""
+        p = self.pattern
+        return reason[len(p) + 2:] if p and reason.startswith(p + ": ") else reason
+
+    @property
     def near_miss(self) -> bool:
         return self.pattern is not None
 
