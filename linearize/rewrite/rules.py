@@ -472,7 +472,9 @@ def _param_hint(key, val, target) -> str:
         return f"e.g. `{key}: {default}`"
     if isinstance(default, bool):
         return f"`{key}: true` or `{key}: false`"
-    if isinstance(default, (int, float)):
+    if isinstance(default, int):
+        return f"e.g. `{key}: {default}`, or a formula in quotes such as `\"min({default}, seq_len)\"`"
+    if isinstance(default, float):
         return f"e.g. `{key}: {default}`, or a formula in quotes such as `\"layer / num_layers\"`"
     return ""
 

@@ -91,7 +91,8 @@ class ShapeExpr:
                 raise RuleError(f"`{self.text}` could not be decided at this site (it became {result})", self.mark)
             return bool(result)
         if shape_env is not None and result.free_symbols:
-            hint = result.xreplace(shape_env.var_to_val)
+            hints = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+            hint = result.xreplace(hints)
             shape_env.evaluate_expr(sympy.Eq(result, hint))  # specialise: the formula's value is a constant
             result = hint
         result = sympy.nsimplify(result) if result.free_symbols else result

@@ -84,6 +84,9 @@ def load_located(text: str, source: str) -> Any:
             loader.dispose()
     except yaml.MarkedYAMLError as exc:
         problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        started = exc.context_mark
+        if started is not None and exc.problem_mark is not None and started.line != exc.problem_mark.line:
+            problem += f" (the construct started at line {started.line + 1}, column {started.column + 1})"
         raise RuleError(f"not valid YAML: {problem}", _yaml_mark(exc, source), _yaml_hint(problem)) from None
     except yaml.YAMLError as exc:
         raise RuleError(f"not valid YAML: {exc}", Mark(source, 1, 1)) from None
