@@ -213,8 +213,8 @@ def _summary_table(views, numerics_on: bool) -> str:
         s = v.site
         if s.provenance:
             kp = s.provenance.k_proj_path or "-"
-            rel = kp[len(s.module_path):] if s.module_path and kp.startswith(s.module_path + ".") else kp
-            prov = (f'<span title="{_e(v.provenance_text)}">found: k_proj <code>{_e(rel)}</code>, RoPE '
+            rel = kp[len(s.module_path) + 1:] if s.module_path and kp.startswith(s.module_path + ".") else kp
+            prov = (f'<span title="{_e(v.provenance_text)}">found: key projection <code>{_e(rel)}</code>, RoPE '
                     f"{_e(s.provenance.rope or 'none')}</span>")
         else:
             prov = f'<span class="muted">missing: {_e(s.provenance_missing)}</span>'
