@@ -84,7 +84,7 @@ def attention_calls(model, ids):
     from torch.overrides import TorchFunctionMode
 
     passthrough = {"to", "type", "float", "half", "bfloat16", "dropout", "view", "reshape", "contiguous",
-                   "__getitem__", "clone", "type_as", "flatten", "unflatten"}
+                   "__getitem__", "clone", "type_as", "flatten", "unflatten", "masked_fill"}
 
     class Count(TorchFunctionMode):
         def __init__(self):

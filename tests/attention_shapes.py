@@ -132,6 +132,15 @@ def key_padding_only(q, k, v, pad):
     return torch.softmax(q @ k.transpose(-2, -1) * 0.25 + pad, -1) @ v
 
 
+def activation_mask_sdpa(q, k, v):
+    """Doge-style: a mask computed from the values themselves is a bias, not a causal mask."""
+    t = q.size(-2)
+    dynamic = torch.sigmoid(v.mean(-1, keepdim=True)).transpose(-1, -2).expand(-1, -1, t, -1)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    mask = dynamic.masked_fill(~causal, torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def dropout_train(q, k, v):
     return F.dropout(torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1), p=0.2, training=True) @ v
 
@@ -165,5 +174,6 @@ SHAPES = {
     "alibi_bias": (alibi_bias, lambda: (), {"mask_kind": "bias"}),
     "cross_attention": (cross_attention, lambda: (), {"is_causal": False, "attn_mask": None}),
     "dropout_train": (dropout_train, lambda: (), {"dropout_p": 0.2}),
+    "activation_mask_sdpa": (activation_mask_sdpa, lambda: (), {"mask_kind": "bias"}),
     "key_padding_only": (key_padding_only, lambda: (torch.zeros(2, 1, 1, T),), {"causality": "none"}),
 }

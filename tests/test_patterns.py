@@ -31,7 +31,7 @@ def test_shape_is_one_canonical_site(name):
 
 
 @pytest.mark.parametrize("name", sorted(set(SHAPES) - {"dropout_train"}))
-def test_exact_rewrite_reproduces_every_shape(name):
+def test_exact_rewrite_reproduces_every_shape(name):  # (sdpa sites go through the same exact op)
     fn, extras, _ = SHAPES[name]
     args = (*_inputs(name), *extras())
     compiled = torch.compile(fn, backend="linearize", options={"rules": "exact", "inner": "eager"})
@@ -59,6 +59,7 @@ def test_exact_gradients_through_sinks_and_softcap():
     ("alibi_bias", "bias"),
     ("cross_attention", "length"),
     ("key_padding_only", "key-padding mask only"),
+    ("activation_mask_sdpa", "bias"),
     ("dropout_train", "dropout"),
 ])
 def test_what_rewrites_cannot_reproduce_keeps_softmax_with_a_reason(name, reason):

@@ -5,13 +5,14 @@ site, and why), or None (not this pattern). Adding a shape = adding a module her
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch.fx as fx
 
 from . import matmul_softmax, sdpa
 from .graph import is_op, module_path
-from .site import AttentionSite, Provenance
+from .site import AttentionSite, NearMiss, Provenance
 
 PATTERNS = [sdpa, matmul_softmax]
 
@@ -23,6 +24,8 @@ class Unmatched:
     node: str
     module_path: str
     reason: str
+    pattern: Optional[str] = None  # the pattern that matched partly (a near-miss), if any
+    partial: list = field(default_factory=list)  # node names that pattern had covered before failing
 
 
 def find_sites(graph: fx.Graph, extra=()) -> tuple[list[AttentionSite], list[Unmatched]]:
@@ -40,8 +43,10 @@ def find_sites(graph: fx.Graph, extra=()) -> tuple[list[AttentionSite], list[Unm
                 sites.append(found)
                 covered.update(found.matched_nodes)
                 break
-            if isinstance(found, str):
-                unmatched.append(Unmatched(node.name, module_path(node), f"{pattern.NAME}: {found}"))
+            if isinstance(found, (str, NearMiss)):
+                miss = found if isinstance(found, NearMiss) else NearMiss(found)
+                unmatched.append(Unmatched(node.name, module_path(node), f"{pattern.NAME}: {miss.reason}",
+                                           pattern=pattern.NAME, partial=miss.partial))
                 covered.add(node)
                 break
     for node in graph.nodes:
@@ -52,4 +57,4 @@ def find_sites(graph: fx.Graph, extra=()) -> tuple[list[AttentionSite], list[Unm
     return sites, unmatched
 
 
-__all__ = ["AttentionSite", "Provenance", "Unmatched", "find_sites", "PATTERNS"]
+__all__ = ["AttentionSite", "NearMiss", "Provenance", "Unmatched", "find_sites", "PATTERNS"]

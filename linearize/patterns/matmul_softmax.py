@@ -12,7 +12,6 @@ canonical form needs (3-D bmm -> [B, 1, T, D], pre-transposed k) are inserted as
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -23,11 +22,11 @@ import torch.fx as fx
 from .expr import Cap, Op, canonical_name, transparent
 from .expr import match as match_expr
 from .graph import arg, layer_index, module_path, shape, value
-from .layout import skip_casts, strip_kv_repeat
-from .site import AttentionSite
+from .layout import strip_kv_repeat
+from .masks import LARGE_NEGATIVE, constant, is_hiding_mask
+from .site import AttentionSite, NearMiss
 
 NAME = "matmul_softmax"
-_LARGE_NEGATIVE = -1e4  # fill values at or below this hide a key
 
 
 @dataclass
@@ -44,27 +43,14 @@ class Scores:
 
 
 class NoMatch(Exception):
-    """Raised with the reason a softmax is not (or not fully) attention."""
+    """Raised with the reason a softmax is not (or not fully) attention; `partial` holds the nodes matched so far."""
+
+    def __init__(self, reason: str, partial=()):
+        super().__init__(reason)
+        self.partial = list(partial)
 
 
 # ----- constants ----------------------------------------------------------------------------------------------
-
-def constant(x) -> Optional[float]:
-    """A Python number, or a node Dynamo built from constants only (`torch.full([], c)`, `torch.tensor(c)`)."""
-    x = skip_casts(x) if isinstance(x, fx.Node) else x
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return float(x)
-    if isinstance(x, fx.Node) and x.op == "call_function":
-        name = canonical_name(x)
-        if name == "full" and len(x.args) >= 2:
-            return constant(x.args[1])
-        if name in ("tensor", "scalar_tensor", "as_tensor") and x.args:
-            return constant(x.args[0])
-        if name == "sqrt" and x.args:
-            inner = constant(x.args[0])
-            return math.sqrt(inner) if inner is not None else None
-    return None
-
 
 # ----- score steps: (name, expression, handler) ---------------------------------------------------------------
 
@@ -95,7 +81,7 @@ def _additive(s: Scores, c: dict):
 
 def _masked_fill(s: Scores, c: dict):
     fill = constant(c["fill"])
-    if fill is None or fill > _LARGE_NEGATIVE:
+    if fill is None or fill > LARGE_NEGATIVE:
         raise NoMatch(f"masked_fill with {c['fill']!r} does not hide keys")
     s.keep_masks.append((c["cond"], True))
     return c["x"]
@@ -103,7 +89,7 @@ def _masked_fill(s: Scores, c: dict):
 
 def _where(s: Scores, c: dict):
     fill = constant(c["fill"])
-    if fill is None or fill > _LARGE_NEGATIVE:
+    if fill is None or fill > LARGE_NEGATIVE:
         raise NoMatch("torch.where mask whose fill value does not hide keys")
     s.keep_masks.append((c["cond"], False))
     return c["x"]
@@ -242,6 +228,8 @@ def _pv(prob: fx.Node):
         prob, users = users[0], _consumers(users[0])
     if len(users) == 1 and _through_heads_reshape(users[0])[1] is not None:
         prob, users = users[0], _consumers(users[0])
+    if len(users) == 1 and _zeroes_masked_probs(users[0], prob):
+        prob, users = users[0], _consumers(users[0])
     for u in users:
         name = canonical_name(u)
         if name in ("matmul", "bmm") and len(u.args) >= 2 and _skip(u.args[0]) is prob:
@@ -253,6 +241,13 @@ def _pv(prob: fx.Node):
                 if _skip(p) is prob and a[:-2] == b[:-2] == out[:-2] and a[-1] == b[-2] and out == a[:-1] + b[-1]:
                     return u, v, dropout_p
     return None
+
+
+def _zeroes_masked_probs(node: fx.Node, prob: fx.Node) -> bool:
+    """`probs.masked_fill(mask, 0)` after softmax (CPM-Ant): zero for fully hidden rows, as the canonical op gives.
+    Only taken when the scores were masked too (checked by the exact rewrite's reproduction tests)."""
+    return (canonical_name(node) == "masked_fill" and _skip(node.args[0]) is prob
+            and constant(arg(node, 2, "value")) == 0.0)
 
 
 def _dropout_p(node: fx.Node) -> float:
@@ -294,7 +289,7 @@ def match(node: fx.Node) -> Union[AttentionSite, str, None]:
     try:
         return _match_softmax(node)
     except NoMatch as exc:
-        return str(exc)
+        return NearMiss(str(exc), [n.name for n in exc.partial])
 
 
 def _match_softmax(sm: fx.Node) -> Union[AttentionSite, None]:
@@ -316,7 +311,7 @@ def _match_softmax(sm: fx.Node) -> Union[AttentionSite, None]:
     qk = _peel(x_in, scores)
     if qk is None:
         raise NoMatch("softmax(...) @ v, but the scores are not a q @ k^T product "
-                      f"(peeled: {', '.join(scores.steps) or 'nothing'})")
+                      f"(peeled: {', '.join(scores.steps) or 'nothing'})", [*scores.nodes, sm, out])
     for t in (qk.q, qk.k if qk.k is not None else qk.k_t, v):
         if _is_parameter(t):
             return None  # a learned matrix (token mixing), not attention
@@ -478,30 +473,6 @@ def _mask_kind(scores: Scores) -> Optional[str]:
     if not scores.keep_masks and not scores.additive:
         return None
     for m, _ in scores.additive:
-        if not _is_hiding_mask(m):
+        if not is_hiding_mask(m):
             return "bias"
     return "mask"
-
-
-def _is_hiding_mask(node, depth=0) -> bool:
-    """A float mask built from booleans (where/masked_fill with a large negative fill), or given as an input."""
-    if not isinstance(node, fx.Node) or depth > 24:
-        return False
-    val = value(node)
-    if val is not None and val.dtype == torch.bool:
-        return True
-    name = canonical_name(node)
-    if node.op == "placeholder":
-        return True  # a mask the caller passed in: checked at run time by causal rewrites
-    if name in ("where", "masked_fill"):
-        fills = [a for a in node.args[1:] if not isinstance(a, fx.Node) or constant(a) is not None]
-        return any(constant(f) is not None and constant(f) <= _LARGE_NEGATIVE for f in fills) or \
-            any(constant(f) == 0.0 for f in fills)
-    if name in ("to", "float", "half", "bfloat16", "contiguous", "clone", "expand", "getitem", "view", "reshape",
-                "slice", "unsqueeze", "expand_as", "type_as", "add", "mul"):
-        inputs = [a for a in node.all_input_nodes]
-        return bool(inputs) and all(_is_hiding_mask(a, depth + 1) or constant(a) is not None for a in inputs)
-    if name in ("full", "zeros", "ones", "full_like", "zeros_like"):
-        return True
-    return False
-

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .graph import arg, layer_index, module_path, shape
 from .layout import strip_kv_repeat
+from .masks import is_hiding_mask
 from .site import AttentionSite
 
 NAME = "sdpa"
@@ -43,14 +44,14 @@ def match(node: fx.Node) -> Union[AttentionSite, str, None]:
     hq = q_s[1]
     if hq % hkv:
         return f"query heads ({hq}) not a multiple of key heads ({hkv})"
-    if hq != hkv and not enable_gqa and k_base is k:
+    if hq != hkv and hkv != 1 and not enable_gqa and k_base is k:  # one KV head broadcasts (multi-query)
         return f"query heads ({hq}) differ from key heads ({hkv}) without enable_gqa"
 
     path = module_path(node)
     B, _, L, D = q_s
     S, Dv = k_s[2], v_s[3]
     mask_s = shape(mask) if isinstance(mask, fx.Node) else None
-    return AttentionSite(
+    site = AttentionSite(
         mask_rows=mask_s[-2] if mask_s and len(mask_s) >= 2 else None,
         node=node,
         q=q,
@@ -67,3 +68,6 @@ def match(node: fx.Node) -> Union[AttentionSite, str, None]:
         shape=(B, hq, hkv, L, S, D, Dv),
         matched_nodes=[node],
     )
+    if isinstance(mask, fx.Node):  # a mask computed from activations (not 0/-inf) is a bias, e.g. Doge's
+        site.mask_kind = "mask" if is_hiding_mask(mask) else "bias"
+    return site

@@ -33,6 +33,14 @@ class Provenance:
 
 
 @dataclass
+class NearMiss:
+    """A pattern matched part of an attention shape, then failed: why, and the nodes it had covered."""
+
+    reason: str
+    partial: list = field(default_factory=list)  # node names
+
+
+@dataclass
 class AttentionSite:
     """One matched attention: `out = softmax(scale * q @ k^T + mask) @ v`, heads grouped for GQA."""
 

@@ -128,8 +128,8 @@ def _check_causal_self(site) -> Optional[str]:
         return f"query length {L} differs from key length {S} (decoding with a KV cache is not rewritten)"
     if site.causality == "none":
         how = ("no causal mask" if site.attn_mask is None else
-               "bidirectional mask on the example input" if site.mask_example == "bidirectional" else
-               "key-padding mask only")
+               "key-padding mask only" if site.mask_rows == 1 else
+               "bidirectional mask on the example input")
         return f"non-causal attention ({how}: encoder or cross attention); window and linear rewrites are causal"
     if site.mask_example == "padded":
         return "the example input is padded: window and linear rewrites do not support padding masks yet"
