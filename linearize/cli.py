@@ -92,7 +92,7 @@ def _rules(args) -> int:
             print(f"{args.file}: valid, {len(rs.rules)} rule(s)" +
                   (f", {len(rs.patterns)} pattern(s)" if rs.patterns else ""))
             for i, rule in enumerate(rs.rules, 1):
-                params = ", ".join(f"{k}={v}" for k, v in rule.params.items())
+                params = ", ".join(f"{k}={v}" for k, v in rule.params.items() if k not in rule.formulas)
                 formulas = ", ".join(f"{k}=\"{f.text}\"" for k, f in rule.formulas.items())
                 shown = ", ".join(p for p in (params, formulas) if p)
                 print(f"  {i}. {rule.match} where {rule.where.describe()} -> {rule.rewrite}"

@@ -55,6 +55,10 @@ PATTERN_KEYS = {"expr": "the attention as an expression over $q, $k, $v (and $sc
                 "where": "constraints the captures must meet",
                 "description": "what the pattern is"}
 ANY_PATTERN = "attention"
+# Why `mix: learnable` is refused (see docs/rule-files.md, "Learnable mixing").
+LEARNABLE_MIX = ("`mix: learnable` is not supported: a backend rewrites one captured graph at a time, and a "
+                 "parameter it created would not be in model.parameters() or the state_dict, would be invisible to "
+                 "the optimizer, and would be created anew at every recompile")
 DEFAULT = "liger"
 _GATE_SPECIFIC = {p for params in GATE_PARAMS.values() for p in params}
 
@@ -382,6 +386,8 @@ class _Compiler:
                 known = ", ".join(target.defaults) or "none"
                 raise RuleError(f"unknown parameter `{key}` for rewrite `{target.name}`", km,
                                 joined(hint, f"parameters: {known}"))
+            if key == "mix" and val == "learnable":
+                raise RuleError(LEARNABLE_MIX, vm, "give constant weights, e.g. `mix: [0.5, 0.5]`")
             default = target.defaults[key]
             numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
             if numeric and isinstance(val, str) and not _is_choice(target, key):
