@@ -159,3 +159,16 @@ def test_mask_guard_accepts_causal_and_sliding_window_masks_only():
     assert not mask_is_causal(biased)
     per_batch = torch.stack([causal, padded])[:, None]  # one padded row in the batch is enough to fail
     assert not mask_is_causal(per_batch)
+
+
+def test_dynamic_shapes_keep_the_traced_scale():
+    """With dynamic=True Dynamo traces the scale as a symbolic float: sites still match and `exact` reproduces
+    the model at lengths it was not compiled for."""
+    model = tiny_model("llama")
+    contexts = []
+    compiled = torch.compile(model, backend="linearize", dynamic=True,
+                             options={"rules": "exact", "inner": "eager", "record": contexts.append})
+    for T in (12, 20):
+        ids = _ids(model, T=T, B=1)
+        assert (_logits(compiled, ids) - _logits(model, ids)).abs().max().item() <= 1e-5
+    assert [s.rewrite for c in contexts for s in c.sites][:2] == ["exact", "exact"]

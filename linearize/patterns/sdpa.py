@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Union
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
@@ -29,9 +30,11 @@ def match(node: fx.Node) -> Union[AttentionSite, str, None]:
     is_causal = arg(node, 5, "is_causal", False)
     scale = arg(node, 6, "scale")
     enable_gqa = arg(node, 7, "enable_gqa", False)
-    for name, val in (("dropout_p", dropout_p), ("is_causal", is_causal), ("scale", scale)):
+    for name, val in (("dropout_p", dropout_p), ("is_causal", is_causal)):
         if isinstance(val, fx.Node):
             return f"SDPA argument {name} is a traced value, not a constant"
+    if isinstance(scale, fx.Node) and not isinstance(scale.meta.get("example_value"), (float, torch.SymFloat)):
+        return "SDPA scale is a traced value that is not a float"
     q_s, k_s, v_s = shape(q), shape(k), shape(v)
     if not (q_s and k_s and v_s) or not (len(q_s) == len(k_s) == len(v_s) == 4):
         return "SDPA inputs are not 4-D [B, H, T, D] tensors with known shapes"
@@ -57,7 +60,8 @@ def match(node: fx.Node) -> Union[AttentionSite, str, None]:
         q=q,
         k=k_base,
         v=v_base,
-        scale=float(scale) if scale is not None else 1.0 / math.sqrt(D),
+        # a traced scale (dynamic=True makes float attributes symbolic) stays a graph value, read at run time
+        scale=scale if isinstance(scale, fx.Node) else float(scale) if scale is not None else 1.0 / math.sqrt(D),
         is_causal=bool(is_causal),
         attn_mask=mask,
         gqa_groups=hq // hkv,
