@@ -25,8 +25,9 @@ Gates must be finite (<= 0); -1e4 is fine, -inf is not.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .blocks import merge_blocks, split_blocks
 
 SUB_CHUNK = 16
 
@@ -77,16 +78,11 @@ class _Chunked:
         self.chunk_decay = _decay(b_last, self.acc).transpose(-1, -2)
 
     def split(self, x: Tensor, groups: int) -> Tensor:
-        x = x.to(self.acc)
-        pad = self.n_chunks * self.chunk - self.seq
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        return x.reshape(self.batch, self.hkv, groups, self.n_chunks, self.chunk, x.shape[-1])
+        return split_blocks(x, self.batch, self.hkv, groups, self.n_chunks, self.chunk, self.acc)
 
     def merge(self, x: Tensor, like: Tensor) -> Tensor:
         """Inverse of split: [B, Hkv, G, N, C, D] -> [B, Hkv*G, T, D] in like.dtype."""
-        x = x.reshape(self.batch, self.hkv * x.shape[2], self.n_chunks * self.chunk, x.shape[-1])
-        return x[:, :, : self.seq].to(like.dtype).contiguous()
+        return merge_blocks(x, self.seq, like)
 
 
 class _GateFactors:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .blocks import merge_blocks, split_blocks
+
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -55,15 +57,10 @@ class _Blocks:
         self.window_mask, self.linear_mask = self._masks(q.device)
 
     def split(self, x: Tensor, groups: int) -> Tensor:
-        x = x.to(self.acc)
-        pad = self.n * self.w - self.seq
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        return x.reshape(self.batch, self.hkv, groups, self.n, self.w, x.shape[-1])
+        return split_blocks(x, self.batch, self.hkv, groups, self.n, self.w, self.acc)
 
     def merge(self, x: Tensor, like: Tensor) -> Tensor:
-        x = x.reshape(self.batch, self.hkv * x.shape[2], self.n * self.w, x.shape[-1])
-        return x[:, :, : self.seq].to(like.dtype).contiguous()
+        return merge_blocks(x, self.seq, like)
 
     @staticmethod
     def previous(x: Tensor) -> Tensor:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .blocks import merge_blocks, split_blocks
+
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -41,15 +43,10 @@ class _Blocked:
         self.allowed = self._mask(q.device)
 
     def split(self, x: Tensor, groups: int) -> Tensor:
-        x = x.to(self.acc)
-        pad = self.n_blocks * self.block - self.seq
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        return x.reshape(self.batch, self.hkv, groups, self.n_blocks, self.block, x.shape[-1])
+        return split_blocks(x, self.batch, self.hkv, groups, self.n_blocks, self.block, self.acc)
 
     def merge(self, x: Tensor, like: Tensor) -> Tensor:
-        x = x.reshape(self.batch, self.hkv * x.shape[2], self.n_blocks * self.block, *x.shape[5:])
-        return x[:, :, : self.seq].to(like.dtype).contiguous()
+        return merge_blocks(x, self.seq, like)
 
     @staticmethod
     def with_previous(x: Tensor) -> Tensor:
