@@ -172,3 +172,17 @@ def test_dynamic_shapes_keep_the_traced_scale():
         ids = _ids(model, T=T, B=1)
         assert (_logits(compiled, ids) - _logits(model, ids)).abs().max().item() <= 1e-5
     assert [s.rewrite for c in contexts for s in c.sites][:2] == ["exact", "exact"]
+
+
+def test_cleanup_keeps_side_effects_of_graphs_without_attention():
+    """vmap inside a model puts calls whose effect is not their result into the graph (nesting level changes):
+    cleanup removes only what rewrites orphaned, never those."""
+
+    class VmapModel(nn.Module):
+        def forward(self, x):
+            return torch.vmap(lambda row: row.sin() * 2)(x) + 1
+
+    x = torch.randn(3, 4)
+    compiled = torch.compile(VmapModel(), backend="linearize", options={"inner": "eager"})
+    with pytest.warns(UserWarning, match="no softmax attention"):
+        torch.testing.assert_close(compiled(x), VmapModel()(x))

@@ -16,5 +16,6 @@ class PassContext:
     sites: list = field(default_factory=list)  # AttentionSite, in graph order
     unmatched: list = field(default_factory=list)  # patterns.Unmatched
     timings: dict = field(default_factory=dict)  # pass name -> seconds
+    orphan_candidates: set = field(default_factory=set)  # nodes cleanup may remove if the rewrites orphaned them
     nodes_before: int = 0
     nodes_after: int = 0

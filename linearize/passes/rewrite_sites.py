@@ -1,6 +1,16 @@
 """Pass: replace each decided site's output node with the target's replacement."""
 from ..rewrite.targets import TARGETS
 
+def _ancestors(node) -> set:
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen and n.op in ("call_function", "call_method"):
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
@@ -11,6 +21,7 @@ def rewrite_sites(gm, ctx):
         if target.emit is None:
             continue
         old = site.node
+        ctx.orphan_candidates |= _ancestors(old)
         first_new = old.prev
         with graph.inserting_before(old):
             new = target.emit(graph, site, site.params)
