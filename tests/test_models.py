@@ -192,3 +192,30 @@ def test_smollm2_loads_and_is_sane():
     ids = tok(english_text(), return_tensors="pt").input_ids[:, :512]
     ppl = perplexity(model, ids, window=512)
     assert 2 < ppl < 100, ppl
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_small():
+    """The demo on short inputs: every section runs and the numbers hang together."""
+    import io
+
+    from rich.console import Console
+
+    from linearize.demo import run_demo
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    buf = io.StringIO()
+    out = run_demo(rules=("swa",), prefill_tokens=160, ppl_tokens=96, console=Console(file=buf, width=120))
+    text = buf.getvalue()
+    for heading in ("(a)", "(c) perplexity", "(d) prefill", "(e) compile"):
+        assert heading in text
+    assert len(out["sites"]["swa"]) == 30
+    assert all(s["rewrite"] == "swa" and s["provenance_found"] for s in out["sites"]["swa"])
+    assert out["exact"]["max_abs_logit_diff"] < 1e-3
+    assert 1 < out["perplexity"]["original"] < 100
+    assert math.isfinite(out["perplexity"]["swa"])
+    assert set(out["prefill_s"]) == {"original", "swa"} and out["prefill_speedup"]["swa"] > 0
+    assert out["text"] == {**out["text"], "ppl_tokens": 96, "prefill_tokens": 160}
