@@ -98,7 +98,7 @@ def test_passes_report_their_time():
     ctx = report.contexts[0]
     assert list(ctx.timings) == ["find_attention", "trace_provenance", "classify_masks", "apply_rules", "rewrite_sites",
                                  "cleanup"]
-    assert 0 < report.pass_seconds < 5
+    assert report.pass_seconds > 0  # (how long they take is measured in bench/, not asserted here)
 
 
 def _small(config_cls, **kw):
