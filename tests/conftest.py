@@ -18,6 +18,15 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Kernel tests use tiny shapes: intra-op threads only add sync stalls (seconds when the cores are busy)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from linearize.models import load_smollm2

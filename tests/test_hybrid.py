@@ -14,12 +14,7 @@ from conftest import rel_rmse
 ops = torch.ops.linearize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _inputs(hq, hkv, seq, d, dv, f, dtype=torch.float32, seed=0, requires_grad=True):

@@ -17,13 +17,7 @@ from linearize.kernels.naive import naive_gla, naive_softmax_attention
 TOL_FP32 = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Shapes here are tiny: intra-op threads only add sync stalls (seconds when cores are busy)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def rel_rmse(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:

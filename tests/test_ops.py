@@ -14,13 +14,7 @@ from linearize.lowering import dispatch
 ops = torch.ops.linearize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Shapes here are tiny: intra-op threads only add sync stalls (seconds when cores are busy)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 EXPECTED_SCHEMAS = {
     "attention": "linearize::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "

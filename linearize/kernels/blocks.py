@@ -9,6 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def head_groups(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int]:
+    """(batch, query heads, length, KV heads, query heads per KV head) of [B, H, T, D] q and k (GQA)."""
+    batch, hq, seq, _ = q.shape
+    hkv = k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
+    return batch, hq, seq, hkv, hq // hkv
+
+
 def split_blocks(x: Tensor, batch: int, hkv: int, groups: int, n: int, size: int, acc) -> Tensor:
     """[B, Hkv*G, T, D] -> [B, Hkv, G, N, size, D] in dtype `acc`, zero-padded at the end of time."""
     x = x.to(acc)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .blocks import merge_blocks, split_blocks
+from .blocks import head_groups, merge_blocks, split_blocks
 
 SUB_CHUNK = 16
 
@@ -60,11 +60,7 @@ class _Chunked:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.acc = _acc_dtype(q)
-        self.batch, self.hq, self.seq, _ = q.shape
-        self.hkv = k.shape[1]
-        if self.hq % self.hkv:
-            raise ValueError(f"query heads ({self.hq}) must be a multiple of kv heads ({self.hkv})")
-        self.groups = self.hq // self.hkv
+        self.batch, self.hq, self.seq, self.hkv, self.groups = head_groups(q, k)
         self.chunk = chunk_size
         self.sub = SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size
         self.n_chunks = -(-self.seq // chunk_size)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import merge_blocks, split_blocks
+from .blocks import head_groups, merge_blocks, split_blocks
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -43,11 +43,7 @@ class _Blocks:
         if fq.shape[-1] != fk.shape[-1]:
             raise ValueError(f"feature sizes differ: fq {fq.shape[-1]}, fk {fk.shape[-1]}")
         self.acc = _acc_dtype(q)
-        self.batch, self.hq, self.seq, _ = q.shape
-        self.hkv = k.shape[1]
-        if self.hq % self.hkv:
-            raise ValueError(f"query heads ({self.hq}) must be a multiple of kv heads ({self.hkv})")
-        self.groups = self.hq // self.hkv
+        self.batch, self.hq, self.seq, self.hkv, self.groups = head_groups(q, k)
         self.w = max(1, min(window, self.seq))
         self.n = -(-self.seq // self.w) if self.seq else 0
         self.q, self.fq = self.split(q, self.groups), self.split(fq, self.groups)

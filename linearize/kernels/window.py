@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import merge_blocks, split_blocks
+from .blocks import head_groups, merge_blocks, split_blocks
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -29,11 +29,7 @@ class _Blocked:
         if q.shape[-2] != k.shape[-2]:
             raise ValueError("window attention needs equal query and key lengths")
         self.acc = _acc_dtype(q)
-        self.batch, self.hq, self.seq, _ = q.shape
-        self.hkv = k.shape[1]
-        if self.hq % self.hkv:
-            raise ValueError(f"query heads ({self.hq}) must be a multiple of kv heads ({self.hkv})")
-        self.groups = self.hq // self.hkv
+        self.batch, self.hq, self.seq, self.hkv, self.groups = head_groups(q, k)
         self.window = window
         self.block = max(1, min(window, self.seq))
         self.n_blocks = -(-self.seq // self.block)
