@@ -6,8 +6,8 @@ is, in Python, `Op("matmul", Op("softmax", Op("mul", Op("matmul", Cap("q"), Op("
 Cap("scale")), dim=-1), Cap("v"))`. Rule files compile their `patterns:` into these same objects.
 
 Matching looks through value-preserving ops between any two levels (dtype casts, `contiguous`, dropout that is off),
-so a pattern states the math, not every cast a model happens to write. `Alt` gives alternatives and `Opt` an
-optional wrapper; commutative ops (add, mul) match either operand order.
+so a pattern states the math, not every cast a model happens to write. `Alt` gives alternatives;
+commutative ops (add, mul) match either operand order.
 """
 from __future__ import annotations
 
@@ -92,11 +92,6 @@ class Alt(Expr):
 
     def __init__(self, *options):
         object.__setattr__(self, "options", tuple(_wrap(o) for o in options))
-
-
-def Opt(name: str, inner, *args, **kwargs) -> Alt:
-    """`inner`, optionally wrapped in op `name(inner, *args, **kwargs)`."""
-    return Alt(Op(name, inner, *args, **kwargs), inner)
 
 
 def _wrap(x) -> Expr:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Iterable, Optional
+from typing import Optional
 
 import networkx as nx
 import torch
@@ -95,6 +95,3 @@ def data_graph(graph: fx.Graph) -> nx.DiGraph:
             g.add_edge(inp, node)
     return g
 
-
-def tensor_inputs(node: fx.Node) -> Iterable[fx.Node]:
-    return [n for n in node.all_input_nodes if value(n) is not None]
