@@ -12,6 +12,8 @@ change. `report.write_html(path)` draws each site before and after the rewrite; 
 """
 from __future__ import annotations
 
+import io
+
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -118,7 +120,7 @@ class Report:
 
         from .report.views import unmatched_views
 
-        console = Console(width=200, record=True, file=open("/dev/null", "w"))
+        console = Console(width=200, record=True, file=io.StringIO())  # recorded, not written anywhere
         console.print(self.table())
         for v in unmatched_views(self):
             kind = f"near-miss ({v.pattern})" if v.near_miss else "softmax left alone"

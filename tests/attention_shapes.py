@@ -141,6 +141,21 @@ def activation_mask_sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def fp32_scores_other_dtype_values(q, k, v):
+    """Flint: scores forced to float32 whatever the model dtype, probabilities cast back to v's dtype."""
+    q, k, v = q.double(), k.double(), v.double()
+    w = torch.matmul(q.float(), k.float().transpose(2, 3)) * 0.25
+    return (F.softmax(w, dim=-1).to(v.dtype) @ v).float()
+
+
+def bmm3d_scores_4d_values(q, k, v):
+    """GPT-NeoX-Japanese: q, k flattened to [B*H, T, D] for baddbmm, scores viewed back to 4-D, v stays 4-D."""
+    b, h, t, d = q.shape
+    scores = torch.baddbmm(torch.zeros(b * h, t, t), q.reshape(b * h, t, d), k.reshape(b * h, t, d).transpose(1, 2),
+                           beta=1.0, alpha=0.25)
+    return torch.matmul(scores.view(b, h, t, t).softmax(-1), v)
+
+
 def dropout_train(q, k, v):
     return F.dropout(torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1), p=0.2, training=True) @ v
 
@@ -174,6 +189,8 @@ SHAPES = {
     "alibi_bias": (alibi_bias, lambda: (), {"mask_kind": "bias"}),
     "cross_attention": (cross_attention, lambda: (), {"is_causal": False, "attn_mask": None}),
     "dropout_train": (dropout_train, lambda: (), {"dropout_p": 0.2}),
+    "fp32_scores_other_dtype_values": (fp32_scores_other_dtype_values, lambda: (), {"scale": 0.25}),
+    "bmm3d_scores_4d_values": (bmm3d_scores_4d_values, lambda: (), {"scale": 0.25, "out_rank": 4}),
     "activation_mask_sdpa": (activation_mask_sdpa, lambda: (), {"mask_kind": "bias"}),
     "key_padding_only": (key_padding_only, lambda: (torch.zeros(2, 1, 1, T),), {"causality": "none"}),
 }

@@ -1,4 +1,5 @@
 """Pass: replace each decided site's output node with the target's replacement."""
+from ..patterns.graph import value
 from ..rewrite.targets import TARGETS
 
 def _ancestors(node) -> set:
@@ -27,6 +28,9 @@ def rewrite_sites(gm, ctx):
             new = target.emit(graph, site, site.params)
             if site.out_rank == 3:  # the model wrote [B*H, T, D]; the canonical form split the heads out
                 new = graph.call_method("flatten", (new, 0, 1))
+            out_dtype, q_dtype = (getattr(value(n), "dtype", None) for n in (old, site.q))
+            if out_dtype is not None and out_dtype != q_dtype:  # replacements return q's dtype; the model's differed
+                new = graph.call_method("to", (new, out_dtype))
         n = first_new.next
         while n is not old:  # the replacement's nodes keep the attention's module and source location
             n.meta.update({k: old.meta[k] for k in _COPIED_META if k in old.meta})

@@ -370,9 +370,11 @@ def _is_parameter(node) -> bool:
 
 
 def _fold_scalar(node, scores: Scores):
-    """Pre-scaled q or k (`q * c`, `q / c`): fold c into the scale, return the unscaled tensor."""
+    """Pre-scaled q or k (`q * c`, `q / c`): fold c into the scale, return the unscaled tensor.
+
+    Stops at a cast: looking through it would hand the rewrite a tensor of another dtype."""
     while isinstance(node, fx.Node):
-        inner = _skip(node)
+        inner = node
         name = canonical_name(inner)
         if name in ("mul", "div") and len(inner.args) == 2:
             a, b = inner.args
@@ -402,7 +404,7 @@ def _site(sm, out, q, k, qk: QK, v, scores: Scores, sinks) -> AttentionSite:
         mask = _combine_masks(graph, scores)
         if len(q_s) == 3:  # [B*H, T, D] -> [B, H, T, D] when the scores showed B and H, else [B*H, 1, T, D]
             heads = scores.heads or (q_s[0], 1)
-            q, k, v = (_split_heads(graph, t, heads) for t in (q, k, v))
+            q, k, v = (_split_heads(graph, t, heads) if len(shape(t)) == 3 else t for t in (q, k, v))
             if mask is not None:
                 mask = graph.call_function(heads_dim_mask, (mask, heads))
     k_base, k_rep = strip_kv_repeat(k)
@@ -419,7 +421,8 @@ def _site(sm, out, q, k, qk: QK, v, scores: Scores, sinks) -> AttentionSite:
         gqa_groups=Hq // Hkv, pattern=NAME, module_path=path, layer=layer_index(path),
         shape=(B, Hq, Hkv, L, S, D, Dv), matched_nodes=[qk.node, *scores.nodes, sm, out],
     )
-    site.softcap, site.sinks, site.mask_kind, site.out_rank = scores.softcap, sinks, _mask_kind(scores), len(q_s)
+    site.softcap, site.sinks, site.mask_kind = scores.softcap, sinks, _mask_kind(scores)
+    site.out_rank = len(shape(out))  # the model's own output layout (3-D bmm forms get their heads merged back)
     rows = [s[-2] for m, _ in scores.keep_masks + scores.additive if (s := shape(m)) and len(s) >= 2]
     site.mask_rows = max(rows) if rows else None
     return site
