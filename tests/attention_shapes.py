@@ -156,6 +156,14 @@ def bmm3d_scores_4d_values(q, k, v):
     return torch.matmul(scores.view(b, h, t, t).softmax(-1), v)
 
 
+def gpt1_multiplicative_mask(q, k, v):
+    """GPT-1: scores * b + -1e4 * (1 - b), b a {0, 1} causal buffer."""
+    t = q.size(-2)
+    b = CAUSAL[:, :, :t, :t]
+    w = (q @ k.transpose(-2, -1)) * 0.25
+    return (w * b + -1e4 * (1 - b)).softmax(-1) @ v
+
+
 def dropout_train(q, k, v):
     return F.dropout(torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1), p=0.2, training=True) @ v
 
@@ -189,6 +197,7 @@ SHAPES = {
     "alibi_bias": (alibi_bias, lambda: (), {"mask_kind": "bias"}),
     "cross_attention": (cross_attention, lambda: (), {"is_causal": False, "attn_mask": None}),
     "dropout_train": (dropout_train, lambda: (), {"dropout_p": 0.2}),
+    "gpt1_multiplicative_mask": (gpt1_multiplicative_mask, lambda: (), {"scale": 0.25, "mask_kind": "mask"}),
     "fp32_scores_other_dtype_values": (fp32_scores_other_dtype_values, lambda: (), {"scale": 0.25}),
     "bmm3d_scores_4d_values": (bmm3d_scores_4d_values, lambda: (), {"scale": 0.25, "out_rank": 4}),
     "activation_mask_sdpa": (activation_mask_sdpa, lambda: (), {"mask_kind": "bias"}),

@@ -23,7 +23,7 @@ from .expr import Cap, Op, canonical_name, transparent
 from .expr import match as match_expr
 from .graph import arg, layer_index, module_path, shape, value
 from .layout import strip_kv_repeat
-from .masks import LARGE_NEGATIVE, constant, is_hiding_mask
+from .masks import LARGE_NEGATIVE, constant, is_binary, is_hiding_mask
 from .site import AttentionSite, NearMiss
 
 NAME = "matmul_softmax"
@@ -56,6 +56,10 @@ class NoMatch(Exception):
 
 def _scale_mul(s: Scores, c: dict):
     factor = constant(c["s"])
+    for x, m in ((c["x"], c["s"]), (c["s"], c["x"])):  # GPT-1: w * b + -1e4 * (1 - b), b a {0, 1} mask
+        if factor is None and is_binary(m) and not is_binary(x):
+            s.keep_masks.append((m, False))
+            return x
     if factor is None:
         raise NoMatch("scores multiplied by a tensor that is not a constant (a learned temperature?)")
     s.scale *= factor
