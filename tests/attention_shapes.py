@@ -164,6 +164,16 @@ def gpt1_multiplicative_mask(q, k, v):
     return (w * b + -1e4 * (1 - b)).softmax(-1) @ v
 
 
+def xglm_clamped_double_view(q, k, v, mask):
+    """XGLM: [B*H] bmm, mask added in 4-D, clamped at finfo.min, probabilities viewed 4-D and back before bmm."""
+    b, h, t, d = q.shape
+    q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+    w = torch.bmm(q3 * 0.25, k3.transpose(1, 2))
+    w = torch.max(w.view(b, h, t, t) + mask, torch.full((), torch.finfo(w.dtype).min)).view(b * h, t, t)
+    p = F.softmax(w, dim=-1).view(b, h, t, t).view(b * h, t, t)
+    return torch.bmm(F.dropout(p, p=0.1, training=False), v3).view(b, h, t, d)
+
+
 def dropout_train(q, k, v):
     return F.dropout(torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1), p=0.2, training=True) @ v
 
@@ -197,6 +207,8 @@ SHAPES = {
     "alibi_bias": (alibi_bias, lambda: (), {"mask_kind": "bias"}),
     "cross_attention": (cross_attention, lambda: (), {"is_causal": False, "attn_mask": None}),
     "dropout_train": (dropout_train, lambda: (), {"dropout_p": 0.2}),
+    "xglm_clamped_double_view": (xglm_clamped_double_view, lambda: (_causal_float_mask(),),
+                                 {"scale": 0.25, "mask_kind": "mask", "out_rank": 3}),
     "gpt1_multiplicative_mask": (gpt1_multiplicative_mask, lambda: (), {"scale": 0.25, "mask_kind": "mask"}),
     "fp32_scores_other_dtype_values": (fp32_scores_other_dtype_values, lambda: (), {"scale": 0.25}),
     "bmm3d_scores_4d_values": (bmm3d_scores_4d_values, lambda: (), {"scale": 0.25, "out_rank": 4}),

@@ -109,6 +109,12 @@ def _softcap(s: Scores, c: dict):
     return c["x"]
 
 
+def _clamp_low(s: Scores, c: dict):
+    """max(x, finfo.min) (XGLM): only turns -inf into the lowest float, which softmax treats the same."""
+    low = constant(c["low"])
+    return c["x"] if low is not None and low <= LARGE_NEGATIVE else None
+
+
 def _shift(s: Scores, c: dict):
     """x - max(x): softmax is shift-invariant, so the subtraction changes nothing."""
     return c["x"]
@@ -120,6 +126,7 @@ SCORE_STEPS: list[tuple[str, object, Callable]] = [
     ("max shift", Op("sub", X, Op("getitem", Op(("max", "amax"), X, -1, keepdim=True), 0)), _shift),
     ("max shift", Op("sub", X, Op("amax", X, -1, keepdim=True)), _shift),
     ("masked_fill", Op("masked_fill", X, Cap("cond"), Cap("fill")), _masked_fill),
+    ("clamp", Op(("max", "maximum", "clamp_min"), X, Cap("low")), _clamp_low),
     ("where", Op("where", Cap("cond"), X, Cap("fill")), _where),
     ("scale", Op("mul", X, Cap("s")), _scale_mul),
     ("scale", Op("div", X, Cap("s")), _scale_div),
@@ -227,13 +234,13 @@ def _pv(prob: fx.Node):
     """
     dropout_p = 0.0
     users = _consumers(prob)
-    if len(users) == 1 and canonical_name(users[0]) in ("dropout", "native_dropout"):
-        dropout_p = float(_dropout_p(users[0]))
-        prob, users = users[0], _consumers(users[0])
-    if len(users) == 1 and _through_heads_reshape(users[0])[1] is not None:
-        prob, users = users[0], _consumers(users[0])
-    if len(users) == 1 and _zeroes_masked_probs(users[0], prob):
-        prob, users = users[0], _consumers(users[0])
+    while len(users) == 1:  # reshapes of the heads, post-softmax zeroing, dropout: in any order
+        u = users[0]
+        if canonical_name(u) in ("dropout", "native_dropout"):
+            dropout_p = float(_dropout_p(u))
+        elif _through_heads_reshape(u)[1] is None and not _zeroes_masked_probs(u, prob):
+            break
+        prob, users = u, _consumers(u)
     for u in users:
         name = canonical_name(u)
         if name in ("matmul", "bmm") and len(u.args) >= 2 and _skip(u.args[0]) is prob:
