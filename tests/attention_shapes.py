@@ -4,6 +4,7 @@ attention output; `SHAPES` maps a name to (function, expected site attributes)."
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 T = 10
@@ -215,3 +216,19 @@ SHAPES = {
     "activation_mask_sdpa": (activation_mask_sdpa, lambda: (), {"mask_kind": "bias"}),
     "key_padding_only": (key_padding_only, lambda: (torch.zeros(2, 1, 1, T),), {"causality": "none"}),
 }
+
+
+class BrokenAttention(nn.Module):
+    """Projections and RoPE-free SDPA separated by a graph break: the SDPA graph has no projection in it."""
+
+    def __init__(self, d=32, h=2):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        split = lambda t: t.view(B, T, self.h, d // self.h).transpose(1, 2)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)

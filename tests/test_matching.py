@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import linearize
 from linearize.models import tiny_model
+from attention_shapes import BrokenAttention
 from conftest import ARCHS
 
 
@@ -53,22 +54,6 @@ def test_softmax_that_is_not_attention_is_left_alone_with_a_reason():
         report = linearize.explain(model, x)
     assert report.sites == []
     assert len(report.unmatched) == 1 and "no attention pattern" in report.unmatched[0].reason
-
-
-class BrokenAttention(nn.Module):
-    """Projections and RoPE-free SDPA separated by a graph break: the SDPA graph has no projection in it."""
-
-    def __init__(self, d=32, h=2):
-        super().__init__()
-        self.h = h
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x):
-        B, T, d = x.shape
-        split = lambda t: t.view(B, T, self.h, d // self.h).transpose(1, 2)
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        torch._dynamo.graph_break()
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
 
 
 def test_graph_break_inside_attention_keeps_softmax_and_says_why():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import linearize
 from linearize.models import tiny_model
+from attention_shapes import BrokenAttention
 from linearize.passes import DEFAULT_PIPELINE
 from linearize.report.draw import dot_available, render_svg
 from linearize.report.views import unmatched_views
@@ -158,20 +159,6 @@ def test_a_softmax_that_is_not_attention_is_not_a_near_miss(tmp_path):
 
 # ----- graph breaks ---------------------------------------------------------------------------------------------
 
-class BreakInAttention(nn.Module):
-    def __init__(self, d=32, h=2):
-        super().__init__()
-        self.h = h
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x):
-        B, T, d = x.shape
-        split = lambda t: t.view(B, T, self.h, d // self.h).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        torch._dynamo.graph_break()
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
-
-
 class Block(nn.Module):
     """Attention, then an MLP with a graph break in it: the break is not in attention."""
 
@@ -197,7 +184,7 @@ class Block(nn.Module):
 
 def test_graph_break_inside_attention_is_reported_and_marked():
     torch.manual_seed(0)
-    report = linearize.explain(BreakInAttention().eval(), torch.randn(1, 8, 32), rules="liger")
+    report = linearize.explain(BrokenAttention().eval(), torch.randn(1, 8, 32), rules="liger")
     (brk,) = report.graph_breaks
     assert "graph_break" in brk.reason
     assert brk.location.function == "forward" and brk.location.code == "torch._dynamo.graph_break()"
