@@ -177,12 +177,8 @@ def test_gguf_path_or_clear_error():
 
 
 @pytest.mark.slow
-def test_smollm2_loads_and_is_sane():
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    model, tok = load_smollm2()
+def test_smollm2_loads_and_is_sane(smollm2):
+    model, tok = smollm2
     c = model.config
     assert c.model_type == "llama"
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (30, 9, 3, 64)
@@ -195,7 +191,7 @@ def test_smollm2_loads_and_is_sane():
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_small():
+def test_demo_end_to_end_small(smollm2):
     """The demo on short inputs: every section runs and the numbers hang together."""
     import io
 
@@ -203,10 +199,6 @@ def test_demo_end_to_end_small():
 
     from linearize.demo import run_demo
 
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
     buf = io.StringIO()
     out = run_demo(rules=("swa",), prefill_tokens=160, ppl_tokens=96, console=Console(file=buf, width=120))
     text = buf.getvalue()
