@@ -55,17 +55,19 @@ def _c(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.contiguous()
 
 
+def _launch_dims(spec: KernelSpec, q: Tensor, k: Tensor):
+    """(B, Hq, T, Hkv, K, V, chunk, number of chunks, generated module, value block) shared by forward and backward."""
+    B, HQ, T, _ = q.shape
+    HK, HV, C = spec.head_k, spec.head_v, spec.chunk
+    return B, HQ, T, k.shape[1], HK, HV, C, (T + C - 1) // C, _module(spec, q.device), _block_v(spec, q.device)
+
+
 def forward(spec: KernelSpec, q: Tensor, k: Tensor, v: Tensor, q_win: Tensor | None, k_win: Tensor | None,
             g: Tensor | None, initial_state: Tensor | None, scale: float, window_scale: float
             ) -> tuple[Tensor, Tensor, Tensor]:
     """(o [B, Hq, T, V] in q.dtype, final state [B, Hkv, K, V] fp32, window lse [B, Hq, T] fp32, log2 units)."""
     q, k, v, q_win, k_win, g, initial_state = map(_c, (q, k, v, q_win, k_win, g, initial_state))
-    B, HQ, T, _ = q.shape
-    HKV = k.shape[1]
-    HK, HV, C = spec.head_k, spec.head_v, spec.chunk
-    N = (T + C - 1) // C
-    mod = _module(spec, q.device)
-    BV = _block_v(spec, q.device)
+    B, HQ, T, HKV, HK, HV, C, N, mod, BV = _launch_dims(spec, q, k)
     o = torch.empty(B, HQ, T, HV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, HQ, T if spec.has_window else 0, dtype=torch.float32, device=q.device)
     if spec.linear:
@@ -91,12 +93,7 @@ def backward(spec: KernelSpec, do: Tensor, dht: Tensor | None, q: Tensor, k: Ten
     a given tensor, dh0 [B, Hkv, K, V] fp32 (empty without a linear branch)."""
     do, dht, q, k, v, q_win, k_win, g, initial_state, lse = map(
         _c, (do, dht, q, k, v, q_win, k_win, g, initial_state, lse))
-    B, HQ, T, _ = q.shape
-    HKV = k.shape[1]
-    HK, HV, C = spec.head_k, spec.head_v, spec.chunk
-    N = (T + C - 1) // C
-    mod = _module(spec, q.device)
-    BV = _block_v(spec, q.device)
+    B, HQ, T, HKV, HK, HV, C, N, mod, BV = _launch_dims(spec, q, k)
     dev = q.device
     def empty():  # a fresh placeholder each time: op outputs may not alias each other
         return torch.empty(0, dtype=q.dtype, device=dev)
@@ -107,7 +104,7 @@ def backward(spec: KernelSpec, do: Tensor, dht: Tensor | None, q: Tensor, k: Ten
     dg = torch.empty_like(g) if spec.linear and spec.gate_given else empty()
     dh0 = torch.empty(B, HKV, HK if spec.linear else 0, HV if spec.linear else 0, dtype=torch.float32,
                       device=dev)
-    mix_w, mix_l = (spec.mix if spec.has_window and spec.linear else (1.0, 1.0))
+    mix_l = spec.mix[1] if spec.has_window and spec.linear else 1.0  # the window's weight is in the template
     if spec.linear:
         bbuf = torch.empty(B, HKV, N * C, spec.gate_channels, dtype=torch.float32, device=dev)
         hbuf = torch.empty(B, HKV, N + 1, HK, HV, dtype=torch.float32, device=dev)
