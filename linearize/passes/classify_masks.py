@@ -22,17 +22,19 @@ def classify_masks(gm, ctx):
         return gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     env = {p: x for p, x in zip(placeholders, inputs)}
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}.__getitem__
+    described = {}  # models usually build one mask that every layer shares
     for site in ctx.sites:
         if site.attn_mask is None or site.is_causal:
             continue
-        mask = _evaluate(site.attn_mask, env)
-        if mask is None:
-            continue
-        site.mask_example = _describe(mask)
+        if site.attn_mask not in described:
+            mask = _evaluate(site.attn_mask, env, position)
+            described[site.attn_mask] = _describe(mask) if mask is not None else None
+        site.mask_example = described[site.attn_mask]
     return gm
 
 
-def _evaluate(node: fx.Node, env: dict):
+def _evaluate(node: fx.Node, env: dict, position):
     """The value of `node` computed from the example inputs, or None when that is not cheap and safe."""
     order, seen, stack = [], set(), [node]
     while stack:
@@ -47,7 +49,7 @@ def _evaluate(node: fx.Node, env: dict):
     values = {}
     try:
         with torch.no_grad():
-            for n in sorted(order, key=_position(node.graph)):
+            for n in sorted(order, key=position):
                 if n.op == "placeholder":
                     if n not in env:
                         return None
@@ -64,10 +66,6 @@ def _evaluate(node: fx.Node, env: dict):
     val = values.get(node)
     return val if isinstance(val, torch.Tensor) else None
 
-
-def _position(graph):
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return index.__getitem__
 
 
 def _describe(mask: torch.Tensor) -> str:

@@ -7,7 +7,6 @@ linearize's custom ops (`linearize/lowering/ops.py`) and ordinary aten ops, whic
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import linearize.lowering  # noqa: F401  (registers torch.ops.linearize.*)
 from linearize.lowering import triton_ops as _triton
@@ -15,9 +14,8 @@ from linearize.lowering import triton_ops as _triton
 _DENOMINATOR_EPS = 1e-6
 
 
-# gate kinds and feature maps are named entries in gates.py (name -> function), re-exported here
-from .gates import FEATURE_MAPS, GATES, elu1_feature, identity_feature, logsigmoid_gate, relu_feature  # noqa: E402,F401
-from .gates import softmax_feature  # noqa: E402,F401
+# gate kinds and feature maps are named entries in gates.py (name -> function)
+from .gates import FEATURE_MAPS, GATES  # noqa: E402
 
 
 def softmax_attention(q, k, v, attn_mask, *, scale: float, is_causal: bool, softcap: float = 0.0, sinks=None):
