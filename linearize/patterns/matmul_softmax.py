@@ -1,14 +1,17 @@
 """Pattern: hand-written attention, `softmax(f(q @ k^T)) @ v`, in every form real code writes it.
 
 Anchored on each softmax. From its input we peel score transforms one at a time, outermost first (each a small
-expression in `SCORE_STEPS`, any order, any number): additive masks, `masked_fill` / `where` masks, scalar scales
-(mul, div, `torch.full` constants), gemma2-style logit soft-capping, and the max subtraction some models do before
-softmax. What remains must be `q @ k^T` (matmul / bmm / baddbmm / einsum, any transpose or permute of k). After the
-softmax (through casts, eval-mode dropout, and the attention-sink column drop) the probabilities must multiply v.
-Scalar factors on q or k themselves (pre-scaled q, split scale) are folded into the scale.
+expression in `SCORE_STEPS`, any order, any number): additive masks, `masked_fill` / `where` masks, {0, 1}
+multiplicative masks, scalar scales (mul, div, `torch.full` constants), gemma2-style logit soft-capping, the max
+subtraction some models do before softmax, and clamps at finfo.min; reshapes between [B*H, L, S] and [B, H, L, S] are
+looked through. What remains must be `q @ k^T` (matmul / bmm / baddbmm / einsum, any transpose or permute of k).
+After the softmax (through casts, dropout, head reshapes, post-softmax zeroing and the attention-sink column drop)
+the probabilities must multiply v. Scalar factors on q or k themselves (pre-scaled q, split scale) are folded into
+the scale.
 
 The result is the canonical `AttentionSite` (scores = softcap(scale * q k^T) + mask); layout fixes that the
-canonical form needs (3-D bmm -> [B, 1, T, D], pre-transposed k) are inserted as graph nodes before the site.
+canonical form needs (3-D bmm operands -> [B, H, T, D], pre-transposed k, one combined mask) are inserted as graph
+nodes before the site.
 """
 from __future__ import annotations
 
