@@ -3,6 +3,8 @@
     model = torch.compile(model, backend="linearize")                       # Liger attention everywhere
     model = torch.compile(model, backend="linearize", options={"rules": "exact"})
     report = linearize.explain(model, input_ids, rules="liger")
+    linearize.convert(model, rules="liger")                                 # in place: generate() uses it too
+    model.generate(ids, past_key_values=linearize.StateCache(model))         # constant-memory decoding
 
 Data flow: Dynamo graph -> `passes` (using `patterns` and `rewrite`) -> rewritten graph -> `lowering` ops -> `kernels`.
 """
@@ -11,4 +13,12 @@ from .explain import Report, explain
 from .rewrite import RuleError, available as available_rules
 
 __version__ = "0.1.0"
-__all__ = ["linearize_backend", "explain", "Report", "RuleError", "available_rules"]
+__all__ = ["linearize_backend", "explain", "Report", "RuleError", "available_rules", "convert", "StateCache"]
+
+
+def __getattr__(name):  # generation imports transformers: load it on first use
+    if name in ("convert", "StateCache"):
+        from . import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module 'linearize' has no attribute {name!r}")

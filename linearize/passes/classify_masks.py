@@ -25,7 +25,7 @@ def classify_masks(gm, ctx):
     position = {n: i for i, n in enumerate(gm.graph.nodes)}.__getitem__
     described = {}  # models usually build one mask that every layer shares
     for site in ctx.sites:
-        if site.attn_mask is None or site.is_causal:
+        if site.attn_mask is None or site.is_causal or site.state is not None:
             continue
         if site.attn_mask not in described:
             mask = _evaluate(site.attn_mask, env, position)

@@ -1,6 +1,7 @@
 """Pass: replace each decided site's output node with the target's replacement."""
 from ..patterns.graph import value
 from ..rewrite.targets import TARGETS
+from .bind_state_cache import check_binding
 
 def _ancestors(node) -> set:
     seen, stack = set(), list(node.all_input_nodes)
@@ -18,6 +19,8 @@ _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 def rewrite_sites(gm, ctx):
     graph = gm.graph
     for site in ctx.sites:
+        if site.state is not None:
+            check_binding(site)
         target = TARGETS[site.rewrite]
         if target.emit is None:
             continue

@@ -41,6 +41,21 @@ class NearMiss:
 
 
 @dataclass
+class StateBinding:
+    """A site whose keys come from a `StateCache` layer (decoding): the marker and what it carries.
+
+    `plan` is the layer's plan as the cache was built (rules, rewrite, params); `buffers` maps buffer names
+    (generation/plan.py BUFFERS) to the graph inputs holding them; `pos0` is the chunk's first position."""
+
+    marker: fx.Node
+    layer: int
+    plan: dict
+    pos0: fx.Node
+    buffers: dict
+    capacity: int
+
+
+@dataclass
 class AttentionSite:
     """One matched attention: `out = softmax(scale * q @ k^T + mask) @ v`, heads grouped for GQA."""
 
@@ -63,12 +78,13 @@ class AttentionSite:
     mask_kind: Optional[str] = None  # "mask" (only hides keys) or "bias" (adds values, e.g. ALiBi)
     out_rank: int = 4  # 3 when the model wrote the 3-D [B*H, T, D] bmm form
     mask_rows: Optional[int] = None  # largest query-dim size among the masks: 1 means key padding only
-    mask_example: Optional[str] = None  # the mask on the example input: causal, bidirectional or padded
+    mask_example: Optional[str] = None  # the mask on the example input: causal, bidirectional, padded or cache
+    state: Optional[StateBinding] = None  # set when a StateCache feeds the keys (decoding)
 
     @property
     def causality(self) -> str:
         """"causal", "mask" (explicit mask: causal or sliding window checked at run time) or "none"."""
-        if self.is_causal:
+        if self.is_causal or self.state is not None:  # a StateCache's mask is causal (checked at run time)
             return "causal"
         L = self.shape[3] if self.shape else None
         if self.attn_mask is None or (self.mask_rows == 1 and L != 1) or self.mask_example == "bidirectional":

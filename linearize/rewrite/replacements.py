@@ -45,18 +45,32 @@ def gla_attention(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, feature
                                              if k not in ("q_pre", "k_pre", "v", "kernels")})
         if out is not None:
             return out.to(v.dtype)
+    return gla_with_state(q_pre, k_pre, v, gate=gate, gate_normalizer=gate_normalizer, feature_map=feature_map,
+                          chunk_size=chunk_size, normalize=normalize, scale=scale,
+                          gate_lower_bound=gate_lower_bound, decay=decay)[0]
+
+
+def gla_with_state(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, feature_map: str, chunk_size: int,
+                   normalize: bool, scale: float = 1.0, gate_lower_bound: float = 0.0, decay: float = 0.99,
+                   valid=None, initial_state=None, kernels: str = "auto"):
+    """`gla_attention` on the PyTorch path, continuing from `initial_state` [B, Hkv, F, Dv(+1)] (fp32) and
+    returning (o, final state). Keys where `valid` [B, T] is False (padding) are skipped: their features and log
+    gates are zeroed, so the state passes them by unchanged."""
     phi = FEATURE_MAPS[feature_map]
     qf, kf = phi(q_pre.float()), phi(k_pre.float())
     g = GATES[gate](k_pre.float(), normalizer=gate_normalizer, lower_bound=gate_lower_bound, decay=decay)
     if g.shape[-1] != kf.shape[-1]:  # feature maps that widen the head (hedgehog): the gate repeats per copy
         g = g.repeat(1, 1, 1, kf.shape[-1] // g.shape[-1])
     vf = v.float()
+    if valid is not None:
+        hide = ~valid[:, None, :, None]
+        kf, g, vf = kf.masked_fill(hide, 0), g.masked_fill(hide, 0), vf.masked_fill(hide, 0)
     if normalize:  # one more value column of ones carries the denominator sum of gated feature weights
         vf = torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1)
-    o, _state = torch.ops.linearize.gla(qf, kf, vf, g, None, scale, chunk_size)
+    o, state = torch.ops.linearize.gla(qf, kf, vf, g, initial_state, scale, chunk_size)
     if normalize:
         o = o[..., :-1] / o[..., -1:].clamp_min(_DENOMINATOR_EPS)
-    return o.to(v.dtype)
+    return o.to(v.dtype), state
 
 
 def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: float, kernels: str = "auto",

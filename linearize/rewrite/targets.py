@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 
 from . import replacements as R
-from .guards import mask_is_causal
+from . import stateful as S
+from .guards import cache_mask_is_causal, mask_is_causal
 from .gates import NONNEGATIVE_FEATURE_MAPS
 
 GLA_DEFAULTS = {"gate": "logsigmoid", "gate_normalizer": 16.0, "feature_map": "softmax", "chunk_size": 64,
@@ -172,6 +173,17 @@ def _guard_mask(graph: fx.Graph, site) -> None:
                         "those. Pass no padded attention_mask, or use rules='exact' or 'keep'."))
 
 
+def _state_args(graph, site) -> tuple:
+    """(mask, pos0, *buffers) of a site bound to a StateCache layer, guarding the mask once per graph."""
+    b, mask = site.state, site.attn_mask
+    if mask is not None and not mask.meta.get("linearize_cache_guard"):
+        mask.meta["linearize_cache_guard"] = True
+        ok = graph.call_function(cache_mask_is_causal, (mask, b.pos0))
+        graph.call_function(torch._assert_async, (ok, "linearize: the attention mask given with a StateCache is "
+                            "not causal attention over the cache with padding; decoding supports only that"))
+    return (mask, b.pos0, *b.buffers.values())
+
+
 def _emit_exact(graph, site, params):
     return graph.call_function(R.softmax_attention, (site.q, site.k, site.v, site.attn_mask),
                                {"scale": site.scale, "is_causal": site.is_causal,
@@ -179,6 +191,9 @@ def _emit_exact(graph, site, params):
 
 
 def _emit_window(graph, site, params):
+    if site.state is not None:
+        return graph.call_function(S.window_attention_step, (site.q, site.k, site.v, *_state_args(graph, site)),
+                                   {"window": params["window"], "scale": site.scale})
     _guard_mask(graph, site)
     return graph.call_function(R.window_attention, (site.q, site.k, site.v),
                                {"window": params["window"], "scale": site.scale, **_kernel_kwargs()})
@@ -189,23 +204,32 @@ def _gla_kwargs(params):
 
 
 def _emit_gla(graph, site, params):
-    _guard_mask(graph, site)
     p = site.provenance
+    if site.state is not None:
+        return graph.call_function(S.gla_attention_step, (p.q_pre_rope, p.k_pre_rope, site.v,
+                                                          *_state_args(graph, site)), _gla_kwargs(params))
+    _guard_mask(graph, site)
     return graph.call_function(R.gla_attention, (p.q_pre_rope, p.k_pre_rope, site.v), _gla_kwargs(params))
 
 
 def _emit_liger(graph, site, params):
-    _guard_mask(graph, site)
     p = site.provenance
     kwargs = {"window": params["window"], "mix": tuple(params["mix"]), "window_scale": site.scale,
               **_gla_kwargs(params)}
+    if site.state is not None:
+        return graph.call_function(S.liger_attention_step, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope,
+                                                            *_state_args(graph, site)), kwargs)
+    _guard_mask(graph, site)
     return graph.call_function(R.liger_attention, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
 
 
 def _emit_lolcats(graph, site, params):
-    _guard_mask(graph, site)
     p = site.provenance
     kwargs = {"window": params["window"], "window_scale": site.scale, "feature_map": params["feature_map"]}
+    if site.state is not None:
+        return graph.call_function(S.lolcats_attention_step, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope,
+                                                              *_state_args(graph, site)), kwargs)
+    _guard_mask(graph, site)
     return graph.call_function(R.lolcats_attention, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
 
 

@@ -1,0 +1,96 @@
+"""What each layer of a converted model keeps while decoding, decided once from the rule set.
+
+A `StateCache` must hold, per layer, exactly what the compiled model's rewrite will read and write: a recurrent state
+for gla, a ring of the last W keys for swa, both for liger, ring + feature ring + sums for lolcats, an ordinary
+(preallocated) KV cache for sites kept as softmax. That depends on the rule set and on each site (selectors, checks),
+so the plan comes from running the passes once on a short dummy input with `linearize.explain`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from ..rewrite.gates import FEATURE_MAPS
+
+STATEFUL = ("swa", "gla", "liger", "lolcats")
+BUFFERS = {  # the marker passes a layer's buffers in this order
+    "swa": ("ring_k", "ring_v", "ring_pos"),
+    "gla": ("state",),
+    "liger": ("ring_k", "ring_v", "ring_pos", "state"),
+    "lolcats": ("ring_k", "ring_v", "ring_pos", "ring_fk", "state", "norm"),
+}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: int
+    rewrite: str  # a target name; "keep" / "exact" / anything not in STATEFUL get a KV cache
+    params: dict = field(default_factory=dict)
+    rules: str = ""
+    kv_heads: int = 0
+    k_dim: int = 0
+    v_dim: int = 0
+
+    @property
+    def stateful(self) -> bool:
+        return self.rewrite in STATEFUL
+
+    def to_json(self) -> str:
+        """The plan as the marker carries it into the graph (the backend checks it against its own decision)."""
+        return json.dumps({"layer": self.layer, "rules": self.rules, "rewrite": self.rewrite,
+                           "params": self.params, "buffers": list(BUFFERS.get(self.rewrite, ()))}, sort_keys=True)
+
+    def feature_dim(self) -> int:
+        name = self.params.get("feature_map", "softmax")
+        probe = FEATURE_MAPS[name](torch.zeros(1, self.k_dim))
+        return probe.shape[-1]
+
+    def buffers(self, batch: int, dtype: torch.dtype, device) -> dict:
+        """Zeroed buffers for this layer: rings in the model's dtype, states and sums in fp32, positions -1."""
+        B, H, D, Dv = batch, self.kv_heads, self.k_dim, self.v_dim
+        W = self.params.get("window")
+        f32 = dict(dtype=torch.float32, device=device)
+        make = {
+            "ring_k": lambda: torch.zeros(B, H, W, D, dtype=dtype, device=device),
+            "ring_v": lambda: torch.zeros(B, H, W, Dv, dtype=dtype, device=device),
+            "ring_pos": lambda: torch.full((B, W), -1, dtype=torch.long, device=device),
+            "ring_fk": lambda: torch.zeros(B, H, W, self.feature_dim(), **f32),
+            "state": lambda: torch.zeros(B, H, self.feature_dim(), Dv + self._extra_v(), **f32),
+            "norm": lambda: torch.zeros(B, H, self.feature_dim(), **f32),
+        }
+        return {name: make[name]() for name in BUFFERS[self.rewrite]}
+
+    def _extra_v(self) -> int:
+        """gla/liger with `normalize: true` carry the denominator as one more value column of the state."""
+        return 1 if self.rewrite in ("gla", "liger") and self.params.get("normalize") else 0
+
+
+def plan_layers(model, rules, num_layers: int, device=None) -> list:
+    """One LayerPlan per decoder layer (index = the attention module's `layer_idx`)."""
+    from ..explain import explain
+
+    rules_name = str(getattr(rules, "name", rules))
+    vocab = getattr(model.config, "vocab_size", 2)
+    ids = (torch.arange(8, device=device) % max(vocab - 1, 1) + 1)[None]
+    compiled = model.__dict__.get("_compiled_call_impl")  # explain compiles the plain forward itself
+    model._compiled_call_impl = None
+    try:
+        report = explain(model, ids, rules=rules, use_cache=False)
+    finally:
+        model._compiled_call_impl = compiled
+    plans = {}
+    for site in report.sites:
+        layer = _layer_index(model, site)
+        _, _, hkv, _, _, d, dv = site.shape
+        plans[layer] = LayerPlan(layer, site.rewrite, dict(site.params), rules_name, hkv, d, dv)
+    return [plans.get(i, LayerPlan(i, "keep", rules=rules_name)) for i in range(num_layers)]
+
+
+def _layer_index(model, site) -> int:
+    try:
+        idx = getattr(model.get_submodule(site.module_path), "layer_idx", None)
+    except AttributeError:
+        idx = None
+    return int(idx) if idx is not None else int(site.layer)

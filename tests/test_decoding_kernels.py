@@ -1,0 +1,95 @@
+"""The decoding kernels against the full-sequence ones: a sequence fed chunk by chunk through the ring buffer (and,
+for LoLCATs' hybrid, the linear state) must give the full-sequence window / hybrid attention, padding included."""
+import pytest
+import torch
+
+from linearize.kernels.hybrid import hybrid_attention_fwd
+from linearize.kernels.naive import naive_hybrid_attention
+from linearize.kernels.ring import ring_attention
+from linearize.kernels.window import window_attention_fwd
+from linearize.rewrite.gates import hedgehog_feature, softmax_feature
+
+from conftest import rel_rmse
+
+CHUNKINGS = [[1] * 12, [5, 1, 1, 7], [12], [3, 9], [20, 1, 2]]
+
+
+def _inputs(B, Hq, Hkv, T, D, Dv, F=None, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return x(B, Hq, T, D), x(B, Hkv, T, D), x(B, Hkv, T, Dv)
+
+
+def _empty_ring(B, Hkv, W, D, Dv, F=None, dtype=torch.float64):
+    ring = [torch.zeros(B, Hkv, W, D, dtype=dtype), torch.zeros(B, Hkv, W, Dv, dtype=dtype),
+            torch.full((B, W), -1, dtype=torch.long)]
+    if F is not None:
+        ring += [torch.zeros(B, Hkv, W, F, dtype=dtype), torch.zeros(B, Hkv, F, Dv, dtype=dtype),
+                 torch.zeros(B, Hkv, F, dtype=dtype)]
+    return ring
+
+
+def _run_chunks(q, k, v, window, chunks, fq=None, fk=None, valid=None, block=4):
+    B, Hkv, T, D = k.shape
+    F = None if fq is None else fq.shape[-1]
+    ring = _empty_ring(B, Hkv, window, D, v.shape[-1], F, q.dtype)
+    valid = torch.ones(B, T, dtype=torch.bool) if valid is None else valid
+    outs, start = [], 0
+    for n in chunks:
+        n = min(n, T - start)
+        if n <= 0:
+            break
+        sl = slice(start, start + n)
+        extra = {}
+        if fq is not None:
+            extra = dict(fq=fq[:, :, sl], fk=fk[:, :, sl], ring_fk=ring[3], state=ring[4], norm=ring[5])
+        res = ring_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], valid[:, sl], torch.tensor(start),
+                             ring[0], ring[1], ring[2], 0.5, window, block=block, **extra)
+        outs.append(res[0])
+        ring = list(res[1:4]) + ([res[4], res[5], res[6]] if fq is not None else [])
+        start += n
+    return torch.cat(outs, dim=2), ring
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
+@pytest.mark.parametrize("window", [1, 3, 4, 16])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_window_ring_matches_full_sequence(chunks, window, groups):
+    q, k, v = _inputs(2, 3 * groups, 3, 12, 8, 5)
+    ours, _ = _run_chunks(q, k, v, window, chunks)
+    ref = window_attention_fwd(q, k, v, 0.5, window)[0]
+    assert rel_rmse(ours, ref) < 1e-12
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
+@pytest.mark.parametrize("window", [1, 3, 4, 16])
+@pytest.mark.parametrize("feature", [softmax_feature, hedgehog_feature])
+def test_hybrid_ring_and_state_match_full_sequence(chunks, window, feature):
+    q, k, v = _inputs(2, 6, 3, 12, 8, 5)
+    fq, fk = feature(q), feature(k)
+    ours, _ = _run_chunks(q, k, v, window, chunks, fq=fq, fk=fk)
+    ref = hybrid_attention_fwd(q, k, v, fq, fk, 0.5, window)
+    assert rel_rmse(ours, ref) < 1e-12
+    naive = naive_hybrid_attention(q, k, v, fq, fk, 0.5, window)
+    assert rel_rmse(ours, naive) < 1e-12
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_padding_never_reaches_ring_or_state(hybrid):
+    """Row 0 is left-padded by 4; its outputs on real tokens equal those of the unpadded sequence run alone."""
+    q, k, v = _inputs(2, 6, 3, 12, 8, 5, seed=1)
+    pad = 4
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[0, :pad] = False
+    q[0, :, :pad] = 1e4  # garbage on padding: must not leak
+    k[0, :, :pad] = -1e4
+    v[0, :, :pad] = float("nan")
+    feats = dict(fq=softmax_feature(q), fk=softmax_feature(k)) if hybrid else {}
+    ours, ring = _run_chunks(q, k, v, 3, [5, 1, 6], valid=valid, **feats)
+    alone_q, alone_k, alone_v = (x[:1, :, pad:] for x in (q, k, v))
+    alone = {n: x[:1, :, pad:] for n, x in feats.items()}
+    ref, _ = _run_chunks(alone_q, alone_k, alone_v, 3, [8], **alone)
+    assert torch.isfinite(ours).all()
+    assert rel_rmse(ours[:1, :, pad:], ref) < 1e-12
+    for t in ring:
+        assert torch.isfinite(t.double()).all()
