@@ -17,3 +17,11 @@ def convert(model, rules="liger", **options):
     model._linearize_rules = rules
     model.__dict__.pop("_linearize_plans", None)
     return model
+
+
+def revert(model):
+    """Undo `convert`: the model runs its original forward again (no compiled graphs, no recorded rules)."""
+    model._compiled_call_impl = None
+    for attr in ("_linearize_rules", "_linearize_plans"):
+        model.__dict__.pop(attr, None)
+    return model

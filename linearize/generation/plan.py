@@ -13,14 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..rewrite.gates import FEATURE_MAPS
-
-STATEFUL = ("swa", "gla", "liger", "lolcats")
-BUFFERS = {  # the marker passes a layer's buffers in this order
-    "swa": ("ring_k", "ring_v", "ring_pos"),
-    "gla": ("state",),
-    "liger": ("ring_k", "ring_v", "ring_pos", "state"),
-    "lolcats": ("ring_k", "ring_v", "ring_pos", "ring_fk", "state", "norm"),
-}
+from ..rewrite.targets import STATEFUL, TARGETS
 
 
 @dataclass(frozen=True)
@@ -40,7 +33,12 @@ class LayerPlan:
     def to_json(self) -> str:
         """The plan as the marker carries it into the graph (the backend checks it against its own decision)."""
         return json.dumps({"layer": self.layer, "rules": self.rules, "rewrite": self.rewrite,
-                           "params": self.params, "buffers": list(BUFFERS.get(self.rewrite, ()))}, sort_keys=True)
+                           "params": self.params, "buffers": list(self.buffer_names())}, sort_keys=True)
+
+    def buffer_names(self) -> tuple:
+        """The buffers the marker passes, in this order (the target's `state_buffers`)."""
+        target = TARGETS.get(self.rewrite)
+        return target.state_buffers if target is not None else ()
 
     def feature_dim(self) -> int:
         name = self.params.get("feature_map", "softmax")
@@ -60,7 +58,7 @@ class LayerPlan:
             "state": lambda: torch.zeros(B, H, self.feature_dim(), Dv + self._extra_v(), **f32),
             "norm": lambda: torch.zeros(B, H, self.feature_dim(), **f32),
         }
-        return {name: make[name]() for name in BUFFERS[self.rewrite]}
+        return {name: make[name]() for name in self.buffer_names()}
 
     def _extra_v(self) -> int:
         """gla/liger with `normalize: true` carry the denominator as one more value column of the state."""
@@ -70,8 +68,9 @@ class LayerPlan:
 def plan_layers(model, rules, num_layers: int, device=None) -> list:
     """One LayerPlan per decoder layer (index = the attention module's `layer_idx`)."""
     from ..explain import explain
+    from ..rewrite import rules as rule_sets
 
-    rules_name = str(getattr(rules, "name", rules))
+    rules_name = rule_sets.load(rules).name  # as the backend's pass context names it
     vocab = getattr(model.config, "vocab_size", 2)
     ids = (torch.arange(8, device=device) % max(vocab - 1, 1) + 1)[None]
     compiled = model.__dict__.get("_compiled_call_impl")  # explain compiles the plain forward itself

@@ -1,5 +1,16 @@
-"""Pass: decide each site's rewrite from the rule set; a target that cannot take a site keeps it, with the reason."""
-from ..rewrite.targets import TARGETS
+"""Pass: decide each site's rewrite from the rule set; a target that cannot take a site keeps it, with the reason.
+
+One refusal is an error instead: a site that reads more keys than this graph projected (a decoding step over a
+growing transformers KV cache) while the rules want a window or linear rewrite. Keeping softmax there would
+continue a linear prefill with softmax decoding: a silently different model. Decoding needs a `StateCache`.
+"""
+from ..rewrite.targets import STATEFUL, TARGETS
+from .bind_state_cache import StateCacheError
+
+KV_CACHE_DECODING = (
+    "linearize: {module} is decoded with a growing transformers KV cache (query length {L}, key length {S}), but "
+    "rules {rules!r} rewrite it as {rewrite}: softmax over the cached keys would not continue the {rewrite} prefill. "
+    "Decode with past_key_values=linearize.StateCache(model) (docs/decoding.md), or pass use_cache=False.")
 
 
 def apply_rules(gm, ctx):
@@ -12,7 +23,15 @@ def apply_rules(gm, ctx):
         site.rule = rule.origin
         why = TARGETS[rule.rewrite].check(site, rule.params)
         if why:
+            _refuse_kv_cache_decoding(site, rule, ctx)
             site.rewrite, site.params, site.reason = "keep", {}, f"{rule.rewrite} not applicable: {why}"
         else:
             site.rewrite, site.params, site.reason = rule.rewrite, dict(rule.params), None
     return gm
+
+
+def _refuse_kv_cache_decoding(site, rule, ctx) -> None:
+    _, _, _, L, S, _, _ = site.shape
+    if rule.rewrite in STATEFUL and site.state is None and S != L and S > 0:
+        raise StateCacheError(KV_CACHE_DECODING.format(module=site.module_path, L=L, S=S, rules=ctx.rules.name,
+                                                       rewrite=rule.rewrite))

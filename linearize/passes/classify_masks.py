@@ -21,7 +21,7 @@ def classify_masks(gm, ctx):
     if inputs is None:
         return gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    env = {p: x for p, x in zip(placeholders, inputs)}
+    env = {p: _concrete(x) for p, x in zip(placeholders, inputs)}
     position = {n: i for i, n in enumerate(gm.graph.nodes)}.__getitem__
     described = {}  # models usually build one mask that every layer shares
     for site in ctx.sites:
@@ -32,6 +32,15 @@ def classify_masks(gm, ctx):
             described[site.attn_mask] = _describe(mask) if mask is not None else None
         site.mask_example = described[site.attn_mask]
     return gm
+
+
+def _concrete(x):
+    """A symbolic size's example value, read without installing a guard (reading it as an int would specialise the
+    graph to this length, and every new length would recompile)."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = x.node.hint
+        return hint if hint is not None else x
+    return x
 
 
 def _evaluate(node: fx.Node, env: dict, position):

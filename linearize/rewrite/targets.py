@@ -48,6 +48,9 @@ class Target:
     check: Callable
     emit: Optional[Callable]  # None: leave the site as it is
     choices: dict = field(default_factory=dict)  # param -> allowed values
+    # what a StateCache holds for a site with this rewrite while decoding (generation/plan.py makes them);
+    # empty: an ordinary KV cache
+    state_buffers: tuple = ()
 
     def resolve_params(self, given: dict) -> dict:
         """Defaults overlaid with `given`; unknown names, wrong types and bad values raise ValueError."""
@@ -233,6 +236,7 @@ def _emit_lolcats(graph, site, params):
     return graph.call_function(R.lolcats_attention, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
 
 
+_RING = ("ring_k", "ring_v", "ring_pos")  # the last W post-RoPE keys and values, and their positions
 _GLA_CHOICES = {"gate": tuple(R.GATES), "feature_map": tuple(R.FEATURE_MAPS)}
 # one normaliser over both parts: the feature products must be weights (>= 0), like exp(score)
 _LOLCATS_CHOICES = {"feature_map": NONNEGATIVE_FEATURE_MAPS}
@@ -240,10 +244,11 @@ _LOLCATS_CHOICES = {"feature_map": NONNEGATIVE_FEATURE_MAPS}
 TARGETS = {
     "exact": Target("exact", {}, _check_exact, _emit_exact),
     "keep": Target("keep", {}, _check_keep, None),
-    "swa": Target("swa", dict(WINDOW_DEFAULTS), _check_window, _emit_window),
-    "gla": Target("gla", dict(GLA_DEFAULTS), _check_linear, _emit_gla, _GLA_CHOICES),
+    "swa": Target("swa", dict(WINDOW_DEFAULTS), _check_window, _emit_window, state_buffers=_RING),
+    "gla": Target("gla", dict(GLA_DEFAULTS), _check_linear, _emit_gla, _GLA_CHOICES, state_buffers=("state",)),
     "liger": Target("liger", {**WINDOW_DEFAULTS, **GLA_DEFAULTS, "mix": [0.5, 0.5]}, _check_liger, _emit_liger,
-                    _GLA_CHOICES),
+                    _GLA_CHOICES, state_buffers=(*_RING, "state")),
     "lolcats": Target("lolcats", {**WINDOW_DEFAULTS, "feature_map": "softmax"}, _check_linear, _emit_lolcats,
-                      _LOLCATS_CHOICES),
+                      _LOLCATS_CHOICES, state_buffers=(*_RING, "ring_fk", "state", "norm")),
 }
+STATEFUL = tuple(name for name, t in TARGETS.items() if t.state_buffers)
