@@ -24,8 +24,10 @@ TOO_LONG = ("linearize StateCache: the context would pass this cache's capacity 
             "max_length if the model takes longer contexts")
 
 
-def _check_room(cumulative: torch.Tensor, new_tokens: int, capacity: int) -> None:
-    torch._assert_async(cumulative + new_tokens <= capacity, TOO_LONG.format(cap=capacity))
+def _check_room(layer, new_tokens: int) -> None:
+    # the message is a constant string made at construction: formatting it here would read the capacity, which
+    # Dynamo may treat as symbolic (several caches of different sizes) and break the graph on
+    torch._assert_async(layer.cumulative_length + new_tokens <= layer.max_cache_len, layer.too_long)
 
 
 class StateLayer(CacheLayerMixin):
@@ -40,6 +42,7 @@ class StateLayer(CacheLayerMixin):
         self.buffers = plan.buffers(batch, dtype, device)
         self.cumulative_length = torch.zeros((), dtype=torch.long, device=device)
         self._plan_json = plan.to_json()
+        self.too_long = TOO_LONG.format(cap=capacity)
         self.dtype, self.device, self.is_initialized = dtype, device, True
         for t in (*self.buffers.values(), self.cumulative_length):
             torch._dynamo.mark_static_address(t)
@@ -49,7 +52,7 @@ class StateLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         T = key_states.shape[-2]
-        _check_room(self.cumulative_length, T, self.max_cache_len)
+        _check_room(self, T)
         pos0 = self.cumulative_length.clone()
         self.cumulative_length.add_(T)
         return torch.ops.linearize.state_cache_kv(key_states, value_states, pos0, list(self.buffers.values()),
@@ -83,13 +86,13 @@ class KVLayer(StaticLayer):
     def __init__(self, plan: LayerPlan, capacity: int, batch: int, dtype: torch.dtype, device, heads: int,
                  head_dim: int):
         super().__init__(max_cache_len=capacity)
-        self.plan = plan
+        self.plan, self.too_long = plan, TOO_LONG.format(cap=capacity)
         k = torch.zeros(batch, plan.kv_heads or heads, 0, plan.k_dim or head_dim, dtype=dtype, device=device)
         v = torch.zeros(batch, plan.kv_heads or heads, 0, plan.v_dim or head_dim, dtype=dtype, device=device)
         self.lazy_initialization(k, v)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        _check_room(self.cumulative_length, key_states.shape[-2], self.max_cache_len)
+        _check_room(self, key_states.shape[-2])
         return super().update(key_states, value_states, *args, **kwargs)
 
     def nbytes(self) -> int:

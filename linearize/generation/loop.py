@@ -48,6 +48,7 @@ def prefill(model, input_ids, cache, attention_mask: Optional[torch.Tensor] = No
 def step(model, tokens, cache, attention_mask: torch.Tensor) -> torch.Tensor:
     """One decoding step: tokens [B] at the end of `attention_mask` [B, past + 1]; returns logits [B, V]."""
     pos = positions(attention_mask)[:, -1:]
+    torch._dynamo.maybe_mark_dynamic(attention_mask, 1)  # it grows every step: one decoding graph, not two
     return _forward(model, tokens[:, None], cache, attention_mask, pos, keep_all=False)[:, -1]
 
 

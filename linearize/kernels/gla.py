@@ -193,3 +193,17 @@ def chunk_gla_bwd(do: Tensor, dht: Tensor | None, q: Tensor, k: Tensor, v: Tenso
 
     dh0 = d_state.squeeze(2).to(ch.acc if initial_state is None else initial_state.dtype)
     return ch.merge(dq, q), ch.merge(dk, k), ch.merge(dv, v), ch.merge(dg, g), dh0.contiguous()
+
+
+def gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """One token of the recurrence (a decoding step): S = diag(exp(g)) S + k^T v, o = scale * q S.
+
+    q [B, Hq, 1, K], k / g [B, Hkv, 1, K], v [B, Hkv, 1, V], state [B, Hkv, K, V]. Plain tensor ops, so a compiled
+    graph fuses them; the chunked kernel would pad the token to a whole chunk. Returns (o in q's dtype, new state in
+    the state's dtype)."""
+    B, Hq, _, K = q.shape
+    Hkv, V = k.shape[1], v.shape[-1]
+    acc = state.dtype
+    new = g[:, :, 0, :, None].to(acc).exp() * state + k[:, :, 0, :, None].to(acc) * v[:, :, 0, None, :].to(acc)
+    o = scale * (q[:, :, 0].to(acc).reshape(B, Hkv, Hq // Hkv, K) @ new)
+    return o.reshape(B, Hq, 1, V).to(q.dtype), new

@@ -95,16 +95,19 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor,
         in_window = seen & (d >= 0) & (d < W)
         scores = scale * (qg[:, :, :, s:s + n] @ keys[:, :, idx].unsqueeze(2).transpose(-1, -2))
         scores = scores.masked_fill(~in_window, float("-inf"))
-        m = scores.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a padding query sees no key at all
-        p = (scores - m).exp()
         v_blk = vals[:, :, idx].unsqueeze(2)
-        num, den = p @ v_blk, p.sum(-1)
-        if hybrid:
-            older = seen & (d >= W) & (kp >= folded)
-            a = (fqg[:, :, :, s:s + n] @ feats[:, :, idx].unsqueeze(2).transpose(-1, -2)) * older
-            num = num + a @ v_blk + fqg[:, :, :, s:s + n] @ run_s.unsqueeze(2)
-            den = den + a.sum(-1) + (fqg[:, :, :, s:s + n] * run_z[:, :, None, None, :]).sum(-1)
+        if not hybrid:  # normalised like window_attention (exp(s - logsumexp)), so prefill agrees to rounding
+            lse = scores.logsumexp(-1, keepdim=True)
+            lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # a padding query sees no key
+            out[:, :, :, s:s + n] = (scores - lse).exp() @ v_blk
+            continue
+        m = scores.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = (scores - m).exp()
+        older = seen & (d >= W) & (kp >= folded)
+        a = (fqg[:, :, :, s:s + n] @ feats[:, :, idx].unsqueeze(2).transpose(-1, -2)) * older
+        num = p @ v_blk + a @ v_blk + fqg[:, :, :, s:s + n] @ run_s.unsqueeze(2)
+        den = p.sum(-1) + a.sum(-1) + (fqg[:, :, :, s:s + n] * run_z[:, :, None, None, :]).sum(-1)
         den = torch.where(den > 0, den, torch.ones_like(den))
         out[:, :, :, s:s + n] = num / den.unsqueeze(-1)
 

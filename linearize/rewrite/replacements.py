@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import linearize.lowering  # noqa: F401  (registers torch.ops.linearize.*)
+from linearize.kernels.gla import gla_step
 from linearize.lowering import triton_ops as _triton
 
 _DENOMINATOR_EPS = 1e-6
@@ -67,7 +68,10 @@ def gla_with_state(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, featur
         kf, g, vf = kf.masked_fill(hide, 0), g.masked_fill(hide, 0), vf.masked_fill(hide, 0)
     if normalize:  # one more value column of ones carries the denominator sum of gated feature weights
         vf = torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1)
-    o, state = torch.ops.linearize.gla(qf, kf, vf, g, initial_state, scale, chunk_size)
+    if initial_state is not None and qf.shape[-2] == 1:  # a decoding step: the recurrence itself
+        o, state = gla_step(qf, kf, vf, g, initial_state, scale)
+    else:
+        o, state = torch.ops.linearize.gla(qf, kf, vf, g, initial_state, scale, chunk_size)
     if normalize:
         o = o[..., :-1] / o[..., -1:].clamp_min(_DENOMINATOR_EPS)
     return o.to(v.dtype), state
