@@ -73,6 +73,7 @@ import sys
 import time
 
 import torch
+from common import log, save_figure, token_axes, two_panels, write_results
 
 OUT_DIR = pathlib.Path(__file__).resolve().parent / "out"
 ORIGINAL = "original"
@@ -94,10 +95,6 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--out", type=pathlib.Path, default=OUT_DIR, help="output folder (default bench/out)")
     return ap.parse_args(argv)
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- caches
@@ -248,17 +245,17 @@ def time_decoders(decoders: list[Decoder], warmup: int, steps: int, label: str) 
     for d in decoders:
         for _ in range(warmup):
             d.run("warmup")
-        _log(f"{label}: {d.name} warm-up: first step {d.first_s:.2f}s, {d.graphs['warmup']} graph(s) compiled, "
+        log(f"{label}: {d.name} warm-up: first step {d.first_s:.2f}s, {d.graphs['warmup']} graph(s) compiled, "
              f"{d.breaks['warmup']} graph break(s)")
     for _ in tqdm(range(steps), desc=f"{label}: timed rounds", leave=False, file=sys.stdout):
         for d in decoders:
             d.run("timed")
     for d in decoders:
         if d.graphs["timed"]:
-            _log(f"WARNING {label}: {d.name} compiled {d.graphs['timed']} graph(s) during the timed steps: "
+            log(f"WARNING {label}: {d.name} compiled {d.graphs['timed']} graph(s) during the timed steps: "
                  + "; ".join(d.recompile_reasons[-3:]))
         if not d.finite:
-            _log(f"WARNING {label}: {d.name} produced non-finite logits")
+            log(f"WARNING {label}: {d.name} produced non-finite logits")
 
 
 # ---------------------------------------------------------------------------------------------- real prefill
@@ -295,7 +292,7 @@ def real_prefill_check(models: dict, ids: torch.Tensor, n: int, synthetic_bytes:
         out["bytes"][name] = nbytes
         assert nbytes == synthetic_bytes[name], \
             f"{n} tokens, {name}: a real prefill leaves {nbytes} cache bytes, the synthetic fill {synthetic_bytes[name]}"
-        _log(f"{n} tokens, real prefill: {name} in {out['prefill_s'][name]:.1f}s, {nbytes:,} cache bytes "
+        log(f"{n} tokens, real prefill: {name} in {out['prefill_s'][name]:.1f}s, {nbytes:,} cache bytes "
              "(= synthetic fill)")
         decoders.append(Decoder(name, model, cache, n, ids[0]))
     time_decoders(decoders, args.warmup, args.steps, f"{n} tokens (real prefill)")
@@ -320,7 +317,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_s = time.perf_counter() - t0
-    _log(f"SmolLM2-135M-Instruct loaded in {load_s:.1f}s; {torch.get_num_threads()} thread(s)")
+    log(f"SmolLM2-135M-Instruct loaded in {load_s:.1f}s; {torch.get_num_threads()} thread(s)")
     cfg = model.config
     models = {ORIGINAL: model}
     for r in args.rules:
@@ -362,7 +359,7 @@ def run(args) -> dict:
         "contexts": {},
     }
     for n in contexts:
-        _log(f"{n} tokens: filling caches")
+        log(f"{n} tokens: filling caches")
         caches, nbytes = {}, {}
         caches[ORIGINAL] = synthetic_dynamic_cache(cfg, n, gen)
         nbytes[ORIGINAL] = dynamic_cache_bytes(caches[ORIGINAL])
@@ -373,7 +370,7 @@ def run(args) -> dict:
             fill_state_cache(caches[r], n, gen)
             nbytes[r] = caches[r].nbytes()
             describe[r] = caches[r].describe()
-        _log(f"{n} tokens: cache bytes " + ", ".join(f"{k} {v:,}" for k, v in nbytes.items()))
+        log(f"{n} tokens: cache bytes " + ", ".join(f"{k} {v:,}" for k, v in nbytes.items()))
         decoders = [Decoder(k, models[k], caches[k], n, text[0]) for k in models]
         time_decoders(decoders, args.warmup, args.steps, f"{n} tokens")
         decode = {d.name: d.summary() for d in decoders}
@@ -392,7 +389,7 @@ def run(args) -> dict:
         if n in real_at:
             row["real_prefill"] = real_prefill_check(models, text[:, :n], n, nbytes, args)
         result["contexts"][str(n)] = row
-        _log(f"{n} tokens: step " + ", ".join(f"{k} {v * 1e3:.1f}ms" for k, v in row["median_s"].items())
+        log(f"{n} tokens: step " + ", ".join(f"{k} {v * 1e3:.1f}ms" for k, v in row["median_s"].items())
              + "; latency ratio " + ", ".join(f"{r} {v:.2f}" for r, v in row["latency_ratio"].items()))
     for phase in ("warmup", "timed"):
         result[f"{phase}_graphs_compiled"] = {
@@ -456,51 +453,29 @@ def print_table(result: dict) -> None:
 
 
 def plot(result: dict, path: pathlib.Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no plot ({path.name} not written); `pip install matplotlib` for it")
+    panels = two_panels(path)
+    if panels is None:
         return False
+    plt, fig, ax1, ax2 = panels
     contexts = [int(n) for n in result["contexts"]]
     rows = [result["contexts"][str(n)] for n in contexts]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for k in [ORIGINAL, *result["rules"]]:
         ax1.plot(contexts, [row["bytes"][k] / 2**20 for row in rows], marker="o", label=k)
         ax2.plot(contexts, [row["median_s"][k] * 1e3 for row in rows], marker="o", label=k)
-    for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(contexts, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in contexts])
-        ax.set_xlabel("tokens in the cache")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    token_axes((ax1, ax2), contexts, "tokens in the cache")
     ax1.set_yscale("log")
     ax1.set_ylabel("MiB")
     ax1.set_title("cache size")
     ax2.set_ylabel(f"ms per token (median of {result['steps']})")
     ax2.set_title("decode step latency")
-    fig.suptitle(f"{result['model']}, CPU, {result['threads']} thread(s), torch {result['torch']}, "
+    return save_figure(plt, fig, path, f"{result['model']}, CPU, {result['threads']} thread(s), torch {result['torch']}, "
                  f"inner={result['inner']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    json_path = args.out / "decode.json"
-    json_path.write_text(json.dumps(result, indent=1))
-    print_table(result)
-    print(f"wrote {json_path}")
-    png = args.out / "decode.png"
-    if plot(result, png):
-        print(f"wrote {png}")
-    return result
+    return write_results(run(args), args.out, "decode", print_table, plot)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import sys
 import time
 
 import torch
+from common import log, save_figure, token_axes, two_panels, write_results
 
 OUT_DIR = pathlib.Path(__file__).resolve().parent / "out"
 
@@ -55,10 +56,6 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--out", type=pathlib.Path, default=OUT_DIR, help="output folder (default bench/out)")
     return ap.parse_args(argv)
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 @torch.no_grad()
@@ -86,7 +83,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_s = time.perf_counter() - t0
-    _log(f"SmolLM2-135M-Instruct loaded in {load_s:.1f} s; {torch.get_num_threads()} threads")
+    log(f"SmolLM2-135M-Instruct loaded in {load_s:.1f} s; {torch.get_num_threads()} threads")
     cfg = model.config
 
     result = {
@@ -107,11 +104,11 @@ def run(args) -> dict:
         ids = english_token_ids(tok, n, repeat=True)
         pos = torch.arange(n).unsqueeze(0)
         torch._dynamo.reset()
-        _log(f"{n} tokens: original warm-up")
+        log(f"{n} tokens: original warm-up")
         _forward_s(model, ids, pos)
         compiled, compile_s = {}, {}
         for r in args.rules:
-            _log(f"{n} tokens: compiling rules={r!r} (first call)")
+            log(f"{n} tokens: compiling rules={r!r} (first call)")
             compiled[r] = compile_linearized(model, r)
             compile_s[r] = _forward_s(compiled[r], ids, pos)[0]
         times = {"original": [], **{r: [] for r in args.rules}}
@@ -121,7 +118,7 @@ def run(args) -> dict:
                 wall, c = _forward_s(model if k == "original" else compiled[k], ids, pos)
                 times[k].append(wall)
                 cpu[k].append(c)
-            _log(f"{n} tokens, round {i + 1}/{args.repeats}: "
+            log(f"{n} tokens, round {i + 1}/{args.repeats}: "
                  + ", ".join(f"{k} {v[-1]:.2f}s (cpu {cpu[k][-1]:.1f}s)" for k, v in times.items()))
         best = {k: min(v) for k, v in times.items()}
         best_cpu = {k: min(v) for k, v in cpu.items()}
@@ -136,7 +133,7 @@ def run(args) -> dict:
             "tokens_per_s": {k: n / v for k, v in best.items()},
         }
         result["lengths"][str(n)] = row
-        _log(f"{n} tokens: " + ", ".join(f"{r} {row['speedup_vs_original'][r]:.2f}x" for r in args.rules)
+        log(f"{n} tokens: " + ", ".join(f"{r} {row['speedup_vs_original'][r]:.2f}x" for r in args.rules)
              + f" (original {best['original']:.2f}s)")
         del compiled
         torch._dynamo.reset()
@@ -177,51 +174,29 @@ def print_table(result: dict) -> None:
 
 
 def plot(result: dict, path: pathlib.Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no plot ({path.name} not written); `pip install matplotlib` for it")
+    panels = two_panels(path)
+    if panels is None:
         return False
+    plt, fig, ax1, ax2 = panels
     lengths = [int(n) for n in result["lengths"]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for k in ["original", *result["rules"]]:
         ax1.plot(lengths, [result["lengths"][str(n)]["best_s"][k] for n in lengths], marker="o", label=k)
     for r in result["rules"]:
         ax2.plot(lengths, [result["lengths"][str(n)]["speedup_vs_original"][r] for n in lengths], marker="o", label=r)
     ax2.axhline(1.0, color="grey", lw=0.8, ls="--")
-    for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-        ax.set_xlabel("prefill tokens")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    token_axes((ax1, ax2), lengths, "prefill tokens")
     ax1.set_yscale("log")
     ax1.set_ylabel("seconds (best)")
     ax1.set_title("prefill time")
     ax2.set_ylabel("original time / converted time")
     ax2.set_title("speed-up vs original (SDPA)")
-    fig.suptitle(f"{result['model']}, CPU, {result['threads']} thread(s), torch {result['torch']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path, f"{result['model']}, CPU, {result['threads']} thread(s), torch {result['torch']}")
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    json_path = args.out / "prefill.json"
-    json_path.write_text(json.dumps(result, indent=1))
-    print_table(result)
-    print(f"wrote {json_path}")
-    png = args.out / "prefill.png"
-    if plot(result, png):
-        print(f"wrote {png}")
-    return result
+    return write_results(run(args), args.out, "prefill", print_table, plot)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def test_demo_end_to_end_small(smollm2):
     buf = io.StringIO()
     out = run_demo(rules=("swa",), prefill_tokens=160, ppl_tokens=96, console=Console(file=buf, width=120))
     text = buf.getvalue()
-    for heading in ("(a)", "(c) perplexity", "(d) prefill", "(e) compile"):
+    for heading in ("(a)", "(c) perplexity", "(d) prefill", "(e) compile", "(f) model.generate"):
         assert heading in text
     assert len(out["sites"]["swa"]) == 30
     assert all(s["rewrite"] == "swa" and s["provenance_found"] for s in out["sites"]["swa"])
@@ -211,3 +211,6 @@ def test_demo_end_to_end_small(smollm2):
     assert math.isfinite(out["perplexity"]["swa"])
     assert set(out["prefill_s"]) == {"original", "swa"} and out["prefill_speedup"]["swa"] > 0
     assert out["text"] == {**out["text"], "ppl_tokens": 96, "prefill_tokens": 160}
+    gen = out["generation"]
+    assert gen["swa"]["diff"] <= 1e-4  # token-by-token decoding = one full forward
+    assert gen["swa"]["bytes"] < gen["original"]["bytes"] and gen["swa"]["text"]
