@@ -81,8 +81,8 @@ def test_passes_report_their_time():
     model = tiny_model("llama")
     report = linearize.explain(model, _ids(model), rules="liger")
     ctx = report.contexts[0]
-    assert list(ctx.timings) == ["find_attention", "trace_provenance", "classify_masks", "apply_rules", "rewrite_sites",
-                                 "cleanup"]
+    assert list(ctx.timings) == ["find_attention", "bind_state_cache", "trace_provenance", "classify_masks",
+                                 "apply_rules", "rewrite_sites", "cleanup"]
     assert report.pass_seconds > 0  # (how long they take is measured in bench/, not asserted here)
 
 

@@ -5,6 +5,7 @@ The chunk is the current input (the prompt at prefill, one token per decode step
 Padding comes from transformers' mask over the cache's slots: the last query's row says which current keys are real.
 Padded keys never enter a state or a ring (their keys, values and gates are zeroed, their ring positions are -1).
 The copies into the buffers are ordinary in-place ops on graph inputs; AOTAutograd functionalises them.
+`kernels=` is accepted like the full-sequence replacements' and ignored: decoding runs the PyTorch kernels.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def _write(buffers, values) -> None:
         buf.copy_(val)
 
 
-def window_attention_step(q, k, v, mask, pos0, ring_k, ring_v, ring_pos, *, window: int, scale: float):
+def window_attention_step(q, k, v, mask, pos0, ring_k, ring_v, ring_pos, *, window: int, scale: float,
+                          kernels: str = "auto"):
     valid = key_validity(mask, pos0, q.shape[-2], q)
     o, *ring = torch.ops.linearize.ring_window_attention(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale,
                                                           window)

@@ -193,13 +193,18 @@ def _emit_exact(graph, site, params):
                                 "softcap": site.softcap or 0.0, "sinks": site.sinks})
 
 
-def _emit_window(graph, site, params):
+def _call(graph, site, full, step, args: tuple, kwargs: dict):
+    """The full-sequence replacement `full(*args)`; with a StateCache, its `step` variant, which also takes the
+    mask, the position offset and the layer's buffers, and writes the buffers back."""
     if site.state is not None:
-        return graph.call_function(S.window_attention_step, (site.q, site.k, site.v, *_state_args(graph, site)),
-                                   {"window": params["window"], "scale": site.scale})
+        return graph.call_function(step, (*args, *_state_args(graph, site)), kwargs)
     _guard_mask(graph, site)
-    return graph.call_function(R.window_attention, (site.q, site.k, site.v),
-                               {"window": params["window"], "scale": site.scale, **_kernel_kwargs()})
+    return graph.call_function(full, args, kwargs)
+
+
+def _emit_window(graph, site, params):
+    return _call(graph, site, R.window_attention, S.window_attention_step, (site.q, site.k, site.v),
+                 {"window": params["window"], "scale": site.scale, **_kernel_kwargs()})
 
 
 def _gla_kwargs(params):
@@ -208,32 +213,23 @@ def _gla_kwargs(params):
 
 def _emit_gla(graph, site, params):
     p = site.provenance
-    if site.state is not None:
-        return graph.call_function(S.gla_attention_step, (p.q_pre_rope, p.k_pre_rope, site.v,
-                                                          *_state_args(graph, site)), _gla_kwargs(params))
-    _guard_mask(graph, site)
-    return graph.call_function(R.gla_attention, (p.q_pre_rope, p.k_pre_rope, site.v), _gla_kwargs(params))
+    return _call(graph, site, R.gla_attention, S.gla_attention_step, (p.q_pre_rope, p.k_pre_rope, site.v),
+                 _gla_kwargs(params))
 
 
 def _emit_liger(graph, site, params):
     p = site.provenance
     kwargs = {"window": params["window"], "mix": tuple(params["mix"]), "window_scale": site.scale,
               **_gla_kwargs(params)}
-    if site.state is not None:
-        return graph.call_function(S.liger_attention_step, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope,
-                                                            *_state_args(graph, site)), kwargs)
-    _guard_mask(graph, site)
-    return graph.call_function(R.liger_attention, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
+    return _call(graph, site, R.liger_attention, S.liger_attention_step,
+                 (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
 
 
 def _emit_lolcats(graph, site, params):
     p = site.provenance
     kwargs = {"window": params["window"], "window_scale": site.scale, "feature_map": params["feature_map"]}
-    if site.state is not None:
-        return graph.call_function(S.lolcats_attention_step, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope,
-                                                              *_state_args(graph, site)), kwargs)
-    _guard_mask(graph, site)
-    return graph.call_function(R.lolcats_attention, (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
+    return _call(graph, site, R.lolcats_attention, S.lolcats_attention_step,
+                 (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
 
 
 _RING = ("ring_k", "ring_v", "ring_pos")  # the last W post-RoPE keys and values, and their positions
