@@ -48,8 +48,8 @@ Recompilation: the converted model is a Dynamo-compiled module; the script count
 during the warm-up steps and during the timed steps (``torch._dynamo.utils.counters["stats"]["unique_graphs"]``,
 with the guard failures that caused them), per model and context, and warns if a timed step compiled anything:
 the timings are only steady-state decoding if none did. Compilations in the warm-up are expected: the first step
-of each rule set, the second (the 2-D attention mask grew by one, so Dynamo makes its length dynamic), and the first
-steps at every new context (a StateCache's capacity, ``max_length``, is specialised in the graph). Dynamo's recompile
+of each rule set (``step`` marks the growing 2-D attention mask dynamic up front, so there is no second one) and the
+first step at every new context (a StateCache's capacity, ``max_length``, is specialised in the graph). Dynamo's recompile
 limit is raised (each rule set x context is a cache entry of the same ``forward``), so no rule set silently falls
 back to eager (it could not: a StateCache's marker op raises when run without the rewrite).
 

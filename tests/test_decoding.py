@@ -130,6 +130,17 @@ def test_generate_sampling_batch_matches_full_recompute():
     assert torch.equal(ours, ref)
 
 
+def test_beam_search_reorders_the_state():
+    """Beam search reorders the cache along the batch every step (`reorder_cache`): same beams as recomputing."""
+    ids = _ids(1, 12, seed=5)
+    model = _converted("llama", "liger")
+    ours = model.generate(ids, past_key_values=StateCache(model, batch_size=3, max_length=32), num_beams=3,
+                          max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch._dynamo.config.patch(recompile_limit=64):  # no cache: one compile per length
+        ref = model.generate(ids, use_cache=False, num_beams=3, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, ref)
+
+
 def test_cache_bytes_do_not_grow_with_context():
     model = _converted("llama", "liger")
     cache = StateCache(model, max_length=200)

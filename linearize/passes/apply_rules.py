@@ -4,6 +4,8 @@ One refusal is an error instead: a site that reads more keys than this graph pro
 growing transformers KV cache) while the rules want a window or linear rewrite. Keeping softmax there would
 continue a linear prefill with softmax decoding: a silently different model. Decoding needs a `StateCache`.
 """
+from ..patterns.graph import arg, is_op, shape
+from ..patterns.layout import skip_casts
 from ..rewrite.targets import STATEFUL, TARGETS
 from .bind_state_cache import StateCacheError
 
@@ -30,8 +32,19 @@ def apply_rules(gm, ctx):
     return gm
 
 
+def _is_cached_past(node) -> bool:
+    src = skip_casts(node)
+    return getattr(src, "op", None) == "placeholder" and len(src.users) == 1 and 0 not in (shape(node) or (0,))
+
+
 def _refuse_kv_cache_decoding(site, rule, ctx) -> None:
-    _, _, _, L, S, _, _ = site.shape
-    if rule.rewrite in STATEFUL and site.state is None and S != L and S > 0:
+    """Keys concatenated onto a non-empty graph input that nothing else reads: a cache filled by an earlier call
+    (not cross-attention over a memory, whose lengths also differ)."""
+    if rule.rewrite not in STATEFUL or site.state is not None:
+        return
+    k = skip_casts(site.k)
+    parts = arg(k, 0, "tensors") if is_op(k, "cat") else ()
+    if any(_is_cached_past(p) for p in parts[:-1]):
+        _, _, _, L, S, _, _ = site.shape
         raise StateCacheError(KV_CACHE_DECODING.format(module=site.module_path, L=L, S=S, rules=ctx.rules.name,
                                                        rewrite=rule.rewrite))
