@@ -53,6 +53,19 @@ def test_decode_equals_full_recompute_other_archs(arch, rules):
     assert (out - ref).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("rules", ["liger", "lolcats"])
+def test_eager_attention_and_float_masks(rules):
+    """attn_implementation="eager": matmul/softmax attention with repeat_kv and additive float masks (row 0 padded)."""
+    ids = _ids(2, 80, seed=6)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    ref = _full_logits("llama", rules, ids[1:], attn_implementation="eager")
+    model = _converted("llama", rules, attn_implementation="eager")
+    out = decode_logits(model, ids, StateCache(model, batch_size=2, max_length=96), prompt_len=70,
+                        attention_mask=mask)
+    assert (out[1:] - ref).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("rewrite", ["swa", "liger", "lolcats"])
 def test_small_window_chunked_prefill(rewrite, tmp_path):
     """Window 5 and a prefill in chunks of 7: chunks straddle the ring; still the full-sequence result."""

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 
 import torch
+import torch.fx as fx
 
 from ..patterns.graph import value
+from ..patterns.layout import skip_casts
 from ..patterns.site import StateBinding
 
 MARKERS = (torch.ops.linearize.state_cache_kv, torch.ops.linearize.state_cache_kv.default)
-_PASS_THROUGH = ("expand", "reshape", "view", "contiguous", "to", "clone", "unsqueeze", "transpose", "float")
 
 
 class StateCacheError(ValueError):
@@ -60,22 +61,12 @@ def bind_state_cache(gm, ctx):
     return gm
 
 
-def _marker_of(node, depth: int = 8):
-    """The state_cache_kv call whose output `node` is (through getitem and view-like steps), or None."""
-    for _ in range(depth):
-        if node is None or not hasattr(node, "op"):
-            return None
-        if node.op == "call_function" and node.target in MARKERS:
-            return node
-        if node.op == "call_function" and getattr(node.target, "__name__", "") == "getitem":
-            node = node.args[0]
-            continue
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if node.op in ("call_method", "call_function") and name in _PASS_THROUGH and node.args:
-            node = node.args[0]
-            continue
-        return None
-    return None
+def _marker_of(node):
+    """The state_cache_kv call whose output `node` is (a site's k and v are already past any GQA expansion), or None."""
+    node = skip_casts(node) if isinstance(node, fx.Node) else None
+    if node is not None and node.op == "call_function" and getattr(node.target, "__name__", "") == "getitem":
+        node = node.args[0]
+    return node if node is not None and node.op == "call_function" and node.target in MARKERS else None
 
 
 def _check_rules(plan: dict, rules, layer: int) -> None:
