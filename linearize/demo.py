@@ -366,12 +366,13 @@ def run_generation(model, tok, rules: Sequence[str], new_tokens: int = 24, conso
     t = Table(title=f"(f) model.generate: {prompt.shape[1]}-token prompt + {new_tokens} greedy tokens, batch 1",
               caption="cache: bytes after the last token (the original's grows by 45 KiB per token, a StateCache "
                       "not at all); decode vs full: max |logit diff| between token-by-token decoding and one forward")
-    for col in ("model", "cache", "cache at 32k tokens", "step, ms", "decode vs full", "continuation"):
-        t.add_column(col)
+    for col in ("model", "cache", "cache at 32k tokens", "step, ms", "decode vs full"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("continuation", no_wrap=True, overflow="ellipsis", max_width=48)
     for k, v in out.items():
         at_32k = v["bytes"] / n * 32768 if k == "original" else v["bytes"]
         t.add_row(k, f"{v['bytes'] / 2**20:.2f} MiB", f"{at_32k / 2**20:,.1f} MiB", f"{v['step_s'] * 1e3:.0f}",
-                  "-" if v["diff"] is None else f"{v['diff']:.1e}", repr(v["text"][:60]))
+                  "-" if v["diff"] is None else f"{v['diff']:.1e}", repr(v["text"]))
     console.print(t)
     return out
 
