@@ -45,6 +45,7 @@ def save_figure(plt, fig, path: pathlib.Path, title: str) -> bool:
 
 def write_results(result: dict, out: pathlib.Path, stem: str, print_table, plot) -> dict:
     """out/<stem>.json, the table on stdout, out/<stem>.png."""
+    out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(result, indent=1))
     print_table(result)

@@ -468,13 +468,13 @@ def plot(result: dict, path: pathlib.Path) -> bool:
     ax1.set_title("cache size")
     ax2.set_ylabel(f"ms per token (median of {result['steps']})")
     ax2.set_title("decode step latency")
-    return save_figure(plt, fig, path, f"{result['model']}, CPU, {result['threads']} thread(s), torch {result['torch']}, "
-                 f"inner={result['inner']}")
+    title = (f"{result['model']}, CPU, {result['threads']} thread(s), torch {result['torch']}, "
+             f"inner={result['inner']}")
+    return save_figure(plt, fig, path, title)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     return write_results(run(args), args.out, "decode", print_table, plot)
 
 

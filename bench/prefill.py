@@ -195,7 +195,6 @@ def plot(result: dict, path: pathlib.Path) -> bool:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     return write_results(run(args), args.out, "prefill", print_table, plot)
 
 
