@@ -66,6 +66,18 @@ def test_eager_attention_and_float_masks(rules):
     assert (out[1:] - ref).abs().max().item() <= TOL
 
 
+def test_inductor_decoding_with_padding():
+    """The default inner compiler: Inductor compiles prefill and decoding graphs (buffers written back in place)."""
+    ids = _ids(2, 76, seed=7)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    ref = _full_logits("llama", "liger", ids[1:])
+    model = linearize.convert(tiny_model("llama"), rules="liger")  # inner="inductor"
+    out = decode_logits(model, ids, StateCache(model, batch_size=2, max_length=80), prompt_len=70,
+                        attention_mask=mask)
+    assert (out[1:] - ref).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("rewrite", ["swa", "liger", "lolcats"])
 def test_small_window_chunked_prefill(rewrite, tmp_path):
     """Window 5 and a prefill in chunks of 7: chunks straddle the ring; still the full-sequence result."""

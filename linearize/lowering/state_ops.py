@@ -27,6 +27,8 @@ SCHEMAS = {
                              " Tensor ring_k, Tensor ring_v, Tensor ring_pos, Tensor ring_fk, Tensor state,"
                              " Tensor norm, float scale, int window)"
                              " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "chunk_key_validity": "(Tensor mask, Tensor pos0, int length) -> Tensor",
+    "cache_mask_is_causal": "(Tensor mask, Tensor pos0) -> Tensor",
     "state_cache_kv": "(Tensor k, Tensor v, Tensor pos0, Tensor[] buffers, int layer, str plan, int capacity)"
                       " -> (Tensor, Tensor)",
 }
@@ -69,6 +71,35 @@ def ring_hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tenso
 @ring_hybrid_attention.register_fake
 def _(q, k, v, fq, fk, valid, pos0, ring_k, ring_v, ring_pos, ring_fk, state, norm, scale, window):
     return (_out_like(q, v), *(torch.empty_like(t) for t in (ring_k, ring_v, ring_pos, ring_fk, state, norm)))
+
+
+@_custom_op("chunk_key_validity")
+def chunk_key_validity(mask: Tensor, pos0: Tensor, length: int) -> Tensor:
+    """[B, length] bool: which of a chunk's keys are real, read from the last query row of transformers' mask over
+    the cache's slots (bool, or additive float with 0 = attend). An op of its own so that Inductor does not fuse
+    this gather into transformers' mask kernel (Inductor's fused C++ for it fails to compile when the mask length
+    is dynamic: VecMask<long> vs VecMask<float> in a masked load, torch 2.13)."""
+    row = mask[:, 0, -1, :]
+    allowed = row if row.dtype == torch.bool else row == 0
+    return allowed.index_select(1, pos0.reshape(()).to(allowed.device) + torch.arange(length, device=allowed.device))
+
+
+@chunk_key_validity.register_fake
+def _(mask, pos0, length):
+    return mask.new_empty(mask.shape[0], length, dtype=torch.bool)
+
+
+@_custom_op("cache_mask_is_causal")
+def cache_mask_is_causal(mask: Tensor, pos0: Tensor) -> Tensor:
+    """rewrite/guards.py's check, as an op of its own for the same reason as chunk_key_validity."""
+    from ..rewrite.guards import cache_mask_is_causal as check
+
+    return check(mask, pos0.to(mask.device))
+
+
+@cache_mask_is_causal.register_fake
+def _(mask, pos0):
+    return mask.new_empty((), dtype=torch.bool)
 
 
 @_custom_op("state_cache_kv")

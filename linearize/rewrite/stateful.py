@@ -15,7 +15,6 @@ import torch
 
 from . import replacements as R
 from .gates import FEATURE_MAPS
-from .guards import allowed_keys
 
 
 def key_validity(mask: Optional[torch.Tensor], pos0: torch.Tensor, T: int, like: torch.Tensor) -> torch.Tensor:
@@ -23,9 +22,7 @@ def key_validity(mask: Optional[torch.Tensor], pos0: torch.Tensor, T: int, like:
     B = like.shape[0]
     if mask is None:
         return torch.ones(B, T, dtype=torch.bool, device=like.device)
-    allowed, _ = allowed_keys(mask)
-    last = allowed[:, 0, -1, :].expand(B, -1)  # [B, capacity]
-    return last.index_select(1, pos0.reshape(()) + torch.arange(T, device=like.device))
+    return torch.ops.linearize.chunk_key_validity(mask, pos0, T).expand(B, T)
 
 
 def _write(buffers, values) -> None:

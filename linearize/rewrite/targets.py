@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from . import replacements as R
 from . import stateful as S
-from .guards import cache_mask_is_causal, mask_is_causal
+from .guards import mask_is_causal
 from .gates import NONNEGATIVE_FEATURE_MAPS
 
 GLA_DEFAULTS = {"gate": "logsigmoid", "gate_normalizer": 16.0, "feature_map": "softmax", "chunk_size": 64,
@@ -181,7 +181,7 @@ def _state_args(graph, site) -> tuple:
     b, mask = site.state, site.attn_mask
     if mask is not None and not mask.meta.get("linearize_cache_guard"):
         mask.meta["linearize_cache_guard"] = True
-        ok = graph.call_function(cache_mask_is_causal, (mask, b.pos0))
+        ok = graph.call_function(torch.ops.linearize.cache_mask_is_causal, (mask, b.pos0))
         graph.call_function(torch._assert_async, (ok, "linearize: the attention mask given with a StateCache is "
                             "not causal attention over the cache with padding; decoding supports only that"))
     return (mask, b.pos0, *b.buffers.values())
