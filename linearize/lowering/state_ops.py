@@ -7,6 +7,8 @@
   and values this layer's state represents" and has the shape HF's attention expects ([B, Hkv, capacity, D]); the
   backend's `bind_state_cache` pass replaces the attention that reads it by the stateful op and the marker dies.
   Running it means no rewrite happened, so it raises instead of returning keys it does not have.
+- `linearize::chunk_key_validity` / `linearize::cache_mask_is_causal`: read and check transformers' mask over the
+  cache's slots (which of the chunk's keys are real; is it causal-with-padding), kept opaque to Inductor.
 
 The decoding ops are inference-only (no autograd formula): the generation path runs under `torch.no_grad()`.
 """
