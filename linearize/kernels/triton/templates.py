@@ -87,6 +87,24 @@ def _phi_vjp(x, dy, AX: tl.constexpr):
 
 
 @triton.jit
+def _window_scores(qw, kw, ri, rj, ok, wscale):
+    # window scores in log2 units of query rows ri against key rows rj; -inf outside the causal window or where
+    # not ok (keys or queries past T)
+    seen = (rj[None, :] <= ri[:, None]) & (rj[None, :] > ri[:, None] - W) & ok
+    return tl.where(seen, _dot(qw, tl.trans(kw)) * (wscale * LOG2E), float("-inf"))
+
+
+@triton.jit
+def _window_block(qw, kw_base, v_base, ri, jb, T, wscale, rk, rv):
+    # key block jb of the window branch: its keys, its values (columns rv) and the scores of query rows ri
+    rj = jb * S + tl.arange(0, S)
+    vj = rj < T
+    kw = tl.load(kw_base + rj[:, None] * HK + rk[None, :], mask=vj[:, None], other=0.0).to(tl.float32)
+    vw = tl.load(v_base + rj[:, None] * HV + rv[None, :], mask=vj[:, None], other=0.0).to(tl.float32)
+    return kw, vw, _window_scores(qw, kw, ri, rj, vj[None, :], wscale)
+
+
+@triton.jit
 def _red(x):
     # [R, HK] -> [R, GK]: a per-channel quantity reduced to the gate's channels
 #if VECTOR
@@ -253,13 +271,7 @@ def chunk_fwd(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, b_ptr, h_ptr, o_ptr, lse_ptr,
         l = tl.zeros([S], dtype=tl.float32)
         aw = tl.zeros([S, BV], dtype=tl.float32)
         for jb in range(tl.maximum(i0 - W + 1, 0) // S, i0 // S + 1):
-            rj = jb * S + rs
-            vj = rj < T
-            kw = tl.load(kw_base + rj[:, None] * HK + rk[None, :], mask=vj[:, None], other=0.0).to(tl.float32)
-            vw = tl.load(v_base + rj[:, None] * HV + rv[None, :], mask=vj[:, None], other=0.0).to(tl.float32)
-            s = _dot(qw, tl.trans(kw)) * (wscale * LOG2E)
-            seen = (rj[None, :] <= ri[:, None]) & (rj[None, :] > ri[:, None] - W) & vj[None, :]
-            s = tl.where(seen, s, float("-inf"))
+            kw, vw, s = _window_block(qw, kw_base, v_base, ri, jb, T, wscale, rk, rv)
             m_new = tl.maximum(m, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_use[:, None])
@@ -468,23 +480,13 @@ def window_bwd_dq(qw_ptr, kw_ptr, v_ptr, do_ptr, lse_ptr, dqw_ptr, delta_ptr, T,
     lo = tl.maximum(i_t * S - W + 1, 0) // S
     ow = tl.zeros([S, HV], dtype=tl.float32)
     for jb in range(lo, i_t + 1):
-        rj = jb * S + rs
-        vj = rj < T
-        kw = tl.load(kw_base + rj[:, None] * HK + rk[None, :], mask=vj[:, None], other=0.0).to(tl.float32)
-        vw = tl.load(v_base + rj[:, None] * HV + rv[None, :], mask=vj[:, None], other=0.0).to(tl.float32)
-        seen = (rj[None, :] <= ri[:, None]) & (rj[None, :] > ri[:, None] - W) & vj[None, :]
-        s = tl.where(seen, _dot(qw, tl.trans(kw)) * (wscale * LOG2E), float("-inf"))
+        kw, vw, s = _window_block(qw, kw_base, v_base, ri, jb, T, wscale, rk, rv)
         ow += _dot(tl.exp2(s - lse[:, None]), vw)
     delta = tl.sum(do * ow, 1)
     tl.store(delta_ptr + i_bq.to(tl.int64) * T + ri, delta, mask=vi)
     dq = tl.zeros([S, HK], dtype=tl.float32)
     for jb in range(lo, i_t + 1):
-        rj = jb * S + rs
-        vj = rj < T
-        kw = tl.load(kw_base + rj[:, None] * HK + rk[None, :], mask=vj[:, None], other=0.0).to(tl.float32)
-        vw = tl.load(v_base + rj[:, None] * HV + rv[None, :], mask=vj[:, None], other=0.0).to(tl.float32)
-        seen = (rj[None, :] <= ri[:, None]) & (rj[None, :] > ri[:, None] - W) & vj[None, :]
-        s = tl.where(seen, _dot(qw, tl.trans(kw)) * (wscale * LOG2E), float("-inf"))
+        kw, vw, s = _window_block(qw, kw_base, v_base, ri, jb, T, wscale, rk, rv)
         p = tl.exp2(s - lse[:, None])
         ds = p * (_dot(do, tl.trans(vw)) - delta[:, None])
         dq += _dot(ds, kw)
@@ -524,8 +526,7 @@ def window_bwd_dkv(qw_ptr, kw_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkw_ptr, d
                                  mask=vi[:, None], other=0.0).to(tl.float32)
             lse = tl.load(lse_ptr + i_bq.to(tl.int64) * T + ri, mask=vi, other=0.0)
             delta = tl.load(delta_ptr + i_bq.to(tl.int64) * T + ri, mask=vi, other=0.0)
-            seen = (rj[None, :] <= ri[:, None]) & (rj[None, :] > ri[:, None] - W) & vj[None, :] & vi[:, None]
-            s = tl.where(seen, _dot(qw, tl.trans(kw)) * (wscale * LOG2E), float("-inf"))
+            s = _window_scores(qw, kw, ri, rj, vj[None, :] & vi[:, None], wscale)
             p = tl.exp2(s - lse[:, None])
             dv += _dot(tl.trans(p), do)
             ds = p * (_dot(do, tl.trans(vw)) - delta[:, None])
