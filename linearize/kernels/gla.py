@@ -28,12 +28,9 @@ import torch
 from torch import Tensor
 
 from .blocks import head_groups, merge_blocks, split_blocks
+from .precision import acc_dtype
 
 SUB_CHUNK = 16
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _gate_dtype(x: Tensor) -> torch.dtype:
@@ -59,7 +56,7 @@ class _Chunked:
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.acc = _acc_dtype(q)
+        self.acc = acc_dtype(q)
         self.batch, self.hq, self.seq, self.hkv, self.groups = head_groups(q, k)
         self.chunk = chunk_size
         self.sub = SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size

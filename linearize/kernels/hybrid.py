@@ -26,10 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import head_groups, merge_blocks, split_blocks
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .precision import acc_dtype
 
 
 class _Blocks:
@@ -42,7 +39,7 @@ class _Blocks:
             raise ValueError("hybrid attention needs equal query and key lengths")
         if fq.shape[-1] != fk.shape[-1]:
             raise ValueError(f"feature sizes differ: fq {fq.shape[-1]}, fk {fk.shape[-1]}")
-        self.acc = _acc_dtype(q)
+        self.acc = acc_dtype(q)
         self.batch, self.hq, self.seq, self.hkv, self.groups = head_groups(q, k)
         self.w = max(1, min(window, self.seq))
         self.n = -(-self.seq // self.w) if self.seq else 0

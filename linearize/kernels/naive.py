@@ -10,9 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .precision import acc_dtype
 
 
 def _repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -28,7 +26,7 @@ def naive_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float,
     grouped GQA-style). Accumulates in fp32 (fp64 for fp64 inputs). Returns (o in q.dtype, final
     state [B, Hkv, K, V] in the accumulation dtype).
     """
-    acc = _compute_dtype(q)
+    acc = acc_dtype(q)
     batch, hq, seq, _ = q.shape
     hkv, dk, dv = k.shape[1], k.shape[-1], v.shape[-1]
     groups = hq // hkv
@@ -57,7 +55,7 @@ def naive_softmax_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
     [B, Hq, L, 1]) are extra softmax columns whose value vectors are zero.
     Fully masked rows return 0, like SDPA's math path.
     """
-    acc = _compute_dtype(q)
+    acc = acc_dtype(q)
     q_len, kv_len = q.shape[-2], k.shape[-2]
     groups = q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -95,7 +93,7 @@ def naive_hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tens
     Query i attends keys i - window < j <= i with exp(scale q.k - m_i) (m_i: the max of those scores) and keys
     j <= i - window with fq_i . fk_j; o_i = (sum of weights * v) / (sum of weights). Returns v's dtype.
     """
-    acc = _compute_dtype(q)
+    acc = acc_dtype(q)
     seq = q.shape[-2]
     groups = q.shape[1] // k.shape[1]
     qf, fqf = q.to(acc), fq.to(acc)

@@ -21,11 +21,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .precision import acc_dtype
+
 BLOCK = 64
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor, ring_k: Tensor, ring_v: Tensor,
@@ -48,7 +46,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor,
     if W != window:
         raise ValueError(f"ring holds {W} keys but the window is {window}")
     G = Hq // Hkv
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     dev = q.device
     pos0 = pos0.to(device=dev, dtype=torch.long).reshape(())
     qpos = pos0 + torch.arange(T, device=dev)  # [T]

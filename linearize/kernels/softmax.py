@@ -13,9 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .precision import acc_dtype
 
 
 def _grouped_mask(mask: Tensor, hq: int, hkv: int) -> Tensor:
@@ -31,7 +29,7 @@ def _masked_scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float 
                    is_causal: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor, float, Tensor | None]:
     """Scores [B, Hkv, G, L, S] with -inf where a key is hidden; also q grouped, the scale, and (with soft-capping)
     tanh of the capped scores, which the backward needs."""
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     batch, hq, q_len, head_dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[-2]
     if hq % hkv:

@@ -14,10 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import head_groups, merge_blocks, split_blocks
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .precision import acc_dtype
 
 
 class _Blocked:
@@ -28,7 +25,7 @@ class _Blocked:
             raise ValueError(f"window must be >= 1, got {window}")
         if q.shape[-2] != k.shape[-2]:
             raise ValueError("window attention needs equal query and key lengths")
-        self.acc = _acc_dtype(q)
+        self.acc = acc_dtype(q)
         self.batch, self.hq, self.seq, self.hkv, self.groups = head_groups(q, k)
         self.window = window
         self.block = max(1, min(window, self.seq))

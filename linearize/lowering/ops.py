@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..kernels.precision import acc_dtype
 from . import dispatch
 
 
@@ -39,10 +40,6 @@ SCHEMAS = {
 
 def _custom_op(name: str):
     return torch.library.custom_op(f"linearize::{name}", mutates_args=(), schema=SCHEMAS[name])
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -164,7 +161,7 @@ def gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Optional[Tens
 @gla.register_fake
 def _(q, k, v, g, initial_state, scale, chunk_size):
     o = q.new_empty(*q.shape[:-1], v.shape[-1])
-    state = q.new_empty(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=_acc_dtype(q))
+    state = q.new_empty(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=acc_dtype(q))
     return o, state
 
 
@@ -181,7 +178,7 @@ def gla_backward(grad_out: Tensor, grad_final_state: Optional[Tensor], q: Tensor
 
 @gla_backward.register_fake
 def _(grad_out, grad_final_state, q, k, v, g, initial_state, scale, chunk_size):
-    state_dtype = _acc_dtype(q) if initial_state is None else initial_state.dtype
+    state_dtype = acc_dtype(q) if initial_state is None else initial_state.dtype
     dh0 = q.new_empty(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=state_dtype)
     return _like(q), _like(k), _like(v), _like(g), dh0
 
