@@ -2,8 +2,8 @@
 at a time, reading the layer's buffers and writing them back in place.
 
 The chunk is the current input (the prompt at prefill, one token per decode step), at positions pos0 .. pos0+T-1.
-Padding comes from transformers' mask over the cache's slots: the last query's row says which current keys are real.
-Padded keys never enter a state or a ring (their keys, values and gates are zeroed, their ring positions are -1).
+Padding comes from transformers' mask over the cache's slots: the last query's row says which current keys are real
+(`key_validity`, read once per graph, since every layer shares the mask). Padded keys never enter a state or a ring (their keys, values and gates are zeroed, their ring positions are -1).
 The copies into the buffers are ordinary in-place ops on graph inputs; AOTAutograd functionalises them.
 `kernels=` is accepted like the full-sequence replacements' and ignored: decoding runs the PyTorch kernels.
 """
@@ -17,11 +17,11 @@ from . import replacements as R
 from .gates import FEATURE_MAPS
 
 
-def key_validity(mask: Optional[torch.Tensor], pos0: torch.Tensor, T: int, like: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: which of the chunk's keys are real tokens (not padding)."""
-    B = like.shape[0]
+def key_validity(mask: Optional[torch.Tensor], pos0: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: which of the chunk's keys (as many as q's queries) are real tokens (not padding)."""
+    B, T = q.shape[0], q.shape[-2]
     if mask is None:
-        return torch.ones(B, T, dtype=torch.bool, device=like.device)
+        return torch.ones(B, T, dtype=torch.bool, device=q.device)
     return torch.ops.linearize.chunk_key_validity(mask, pos0, T).expand(B, T)
 
 
@@ -30,33 +30,30 @@ def _write(buffers, values) -> None:
         buf.copy_(val)
 
 
-def window_attention_step(q, k, v, mask, pos0, ring_k, ring_v, ring_pos, *, window: int, scale: float,
+def window_attention_step(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, *, window: int, scale: float,
                           kernels: str = "auto"):
-    valid = key_validity(mask, pos0, q.shape[-2], q)
     o, *ring = torch.ops.linearize.ring_window_attention(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale,
                                                           window)
     _write((ring_k, ring_v, ring_pos), ring)
     return o
 
 
-def gla_attention_step(q_pre, k_pre, v, mask, pos0, state, **gla_params):
-    valid = key_validity(mask, pos0, q_pre.shape[-2], q_pre)
+def gla_attention_step(q_pre, k_pre, v, valid, pos0, state, **gla_params):
     o, final = R.gla_with_state(q_pre, k_pre, v, valid=valid, initial_state=state, **gla_params)
-    state.copy_(final)
+    _write((state,), (final,))
     return o
 
 
-def liger_attention_step(q, k, v, q_pre, k_pre, mask, pos0, ring_k, ring_v, ring_pos, state, *, window: int, mix,
+def liger_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, ring_pos, state, *, window: int, mix,
                          window_scale: float, kernels: str = "auto", **gla_params):
     w_window, w_linear = mix
-    swa = window_attention_step(q, k, v, mask, pos0, ring_k, ring_v, ring_pos, window=window, scale=window_scale)
-    gla = gla_attention_step(q_pre, k_pre, v, mask, pos0, state, **gla_params)
+    swa = window_attention_step(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, window=window, scale=window_scale)
+    gla = gla_attention_step(q_pre, k_pre, v, valid, pos0, state, **gla_params)
     return w_window * swa + w_linear * gla
 
 
-def lolcats_attention_step(q, k, v, q_pre, k_pre, mask, pos0, ring_k, ring_v, ring_pos, ring_fk, state, norm, *,
+def lolcats_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, ring_pos, ring_fk, state, norm, *,
                            window: int, window_scale: float, feature_map: str):
-    valid = key_validity(mask, pos0, q.shape[-2], q)
     phi = FEATURE_MAPS[feature_map]
     fq, fk = phi(q_pre.float()), phi(k_pre.float())
     o, *new = torch.ops.linearize.ring_hybrid_attention(q.float(), k, v, fq, fk, valid, pos0, ring_k, ring_v,

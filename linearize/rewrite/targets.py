@@ -177,14 +177,19 @@ def _guard_mask(graph: fx.Graph, site) -> None:
 
 
 def _state_args(graph, site) -> tuple:
-    """(mask, pos0, *buffers) of a site bound to a StateCache layer, guarding the mask once per graph."""
+    """(valid, pos0, *buffers) of a site bound to a StateCache layer. The layers share one mask: it is checked, and
+    which of the chunk's keys are real is read from it, once per graph."""
     b, mask = site.state, site.attn_mask
-    if mask is not None and not mask.meta.get("linearize_cache_guard"):
-        mask.meta["linearize_cache_guard"] = True
-        ok = graph.call_function(torch.ops.linearize.cache_mask_is_causal, (mask, b.pos0))
-        graph.call_function(torch._assert_async, (ok, "linearize: the attention mask given with a StateCache is "
-                            "not causal attention over the cache with padding; decoding supports only that"))
-    return (mask, b.pos0, *b.buffers.values())
+    read = [u for u in mask.users if u.target is S.key_validity] if mask is not None else []
+    if read:  # an earlier layer already checked and read this mask
+        valid = read[0]
+    else:
+        if mask is not None:
+            ok = graph.call_function(torch.ops.linearize.cache_mask_is_causal, (mask, b.pos0))
+            graph.call_function(torch._assert_async, (ok, "linearize: the attention mask given with a StateCache "
+                                "is not causal attention over the cache with padding; decoding supports only that"))
+        valid = graph.call_function(S.key_validity, (mask, b.pos0, site.q))
+    return (valid, b.pos0, *b.buffers.values())
 
 
 def _emit_exact(graph, site, params):
@@ -194,8 +199,8 @@ def _emit_exact(graph, site, params):
 
 
 def _call(graph, site, full, step, args: tuple, kwargs: dict):
-    """The full-sequence replacement `full(*args)`; with a StateCache, its `step` variant, which also takes the
-    mask, the position offset and the layer's buffers, and writes the buffers back."""
+    """The full-sequence replacement `full(*args)`; with a StateCache, its `step` variant, which also takes which
+    keys are real, the position offset and the layer's buffers, and writes the buffers back."""
     if site.state is not None:
         return graph.call_function(step, (*args, *_state_args(graph, site)), kwargs)
     _guard_mask(graph, site)
