@@ -111,3 +111,40 @@ def test_gla_step_is_the_recurrence(groups):
         outs.append(o)
     assert rel_rmse(ref, torch.cat(outs, dim=2)) < 1e-12
     assert rel_rmse(ref_state, state) < 1e-12
+
+
+def _hf_mask(pos0, T, cap, pad=0, B=2):
+    """transformers' mask for a StateCache: [B, 1, T, capacity], causal from slot pos0, row 0 left-padded."""
+    rows = pos0 + torch.arange(T)[:, None]
+    cols = torch.arange(cap)[None, :]
+    valid = torch.ones(B, cap, dtype=torch.bool)
+    valid[0, :pad] = False
+    return ((cols <= rows)[None] & valid[:, None, :])[:, None]
+
+
+def test_mask_ops_read_and_check_the_cache_mask():
+    mask, pos0 = _hf_mask(3, 4, 10, pad=5), torch.tensor(3)
+    valid = torch.ops.linearize.chunk_key_validity(mask, pos0, 4)
+    assert valid.tolist() == [[False, False, True, True], [True] * 4]
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert torch.equal(torch.ops.linearize.chunk_key_validity(additive, pos0, 4), valid)
+    assert bool(torch.ops.linearize.cache_mask_is_causal(mask, pos0))
+    assert bool(torch.ops.linearize.cache_mask_is_causal(additive, pos0))
+    window = mask & ((pos0 + torch.arange(4)[:, None]) - torch.arange(10)[None, :] < 2)
+    assert not bool(torch.ops.linearize.cache_mask_is_causal(window, pos0))  # a sliding window is not supported
+    assert not bool(torch.ops.linearize.cache_mask_is_causal(mask, torch.tensor(2)))  # wrong offset
+    assert not bool(torch.ops.linearize.cache_mask_is_causal(additive.masked_fill(mask, 0.5), pos0))  # a bias
+
+
+def test_decoding_ops_pass_opcheck():
+    q, k, v = _inputs(2, 6, 3, 5, 8, 4, dtype=torch.float32)
+    fq, fk = softmax_feature(q), softmax_feature(k)
+    valid, pos0 = torch.ones(2, 5, dtype=torch.bool), torch.tensor(7)
+    ring = _empty_ring(2, 3, 4, 8, 4, F=8, dtype=torch.float32)
+    ring[2] = torch.tensor([[4, 5, 6, 3]] * 2)
+    ops = torch.ops.linearize
+    torch.library.opcheck(ops.ring_window_attention, (q, k, v, valid, pos0, *ring[:3], 0.5, 4))
+    torch.library.opcheck(ops.ring_hybrid_attention, (q, k, v, fq, fk, valid, pos0, *ring, 0.5, 4))
+    mask = _hf_mask(7, 5, 16)
+    torch.library.opcheck(ops.chunk_key_validity, (mask, pos0, 5))
+    torch.library.opcheck(ops.cache_mask_is_causal, (mask, pos0))
