@@ -68,6 +68,7 @@ class LayerPlan:
 def plan_layers(model, rules, num_layers: int, device=None) -> list:
     """One LayerPlan per decoder layer (index = the attention module's `layer_idx`)."""
     from ..explain import explain
+    from ..patterns.identity import LayerIdentityError, verify_sites
     from ..rewrite import rules as rule_sets
 
     rules_name = rule_sets.load(rules).name  # as the backend's pass context names it
@@ -79,17 +80,22 @@ def plan_layers(model, rules, num_layers: int, device=None) -> list:
         report = explain(model, ids, rules=rules, use_cache=False)
     finally:
         model._compiled_call_impl = compiled
-    plans = {}
     for site in report.sites:
-        layer = _layer_index(model, site)
+        if site.identity_problem:  # even kept as softmax: two calls would write one cache slot
+            raise LayerIdentityError(f"linearize: StateCache cannot serve this model: {site.identity_problem}")
+    verify_sites(model, report.sites)
+    plans, paths = {}, {}
+    for site in report.sites:
+        if site.layer is None:
+            if site.rewrite in ("keep", "exact"):
+                continue  # kept as softmax: transformers' own layer_idx picks its StaticLayer
+            raise LayerIdentityError(f"linearize: cannot tell which layer {site.module_path or site.node.name} is "
+                                     "(no layer index in its module path)")
+        if site.layer in plans or not 0 <= site.layer < num_layers:
+            raise LayerIdentityError(f"linearize: {site.module_path} claims layer {site.layer}, but "
+                                     + (f"{paths[site.layer]} claims it too" if site.layer in plans else
+                                        f"the model has {num_layers} layers"))
         _, _, hkv, _, _, d, dv = site.shape
-        plans[layer] = LayerPlan(layer, site.rewrite, dict(site.params), rules_name, hkv, d, dv)
+        plans[site.layer] = LayerPlan(site.layer, site.rewrite, dict(site.params), rules_name, hkv, d, dv)
+        paths[site.layer] = site.module_path
     return [plans.get(i, LayerPlan(i, "keep", rules=rules_name)) for i in range(num_layers)]
-
-
-def _layer_index(model, site) -> int:
-    try:
-        idx = getattr(model.get_submodule(site.module_path), "layer_idx", None)
-    except AttributeError:
-        idx = None
-    return int(idx) if idx is not None else int(site.layer)

@@ -23,7 +23,10 @@ def apply_rules(gm, ctx):
             site.reason = f"no rule in {ctx.rules.name} selects this site"
             continue
         site.rule = rule.origin
-        why = TARGETS[rule.rewrite].check(site, rule.params)
+        if site.identity_problem and rule.rewrite not in ("keep", "exact"):
+            why = site.identity_problem  # per-layer state or rules cannot tell this site from another
+        else:
+            why = TARGETS[rule.rewrite].check(site, rule.params)
         if why:
             _refuse_kv_cache_decoding(site, rule, ctx)
             site.rewrite, site.params, site.reason = "keep", {}, f"{rule.rewrite} not applicable: {why}"

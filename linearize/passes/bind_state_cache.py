@@ -40,6 +40,7 @@ def bind_state_cache(gm, ctx):
             raise StateCacheError(f"linearize: the keys and values of {site.module_path} come from different "
                                   "StateCache layers")
         k, v, pos0, buffers, layer, plan, capacity = marker.args
+        _check_identity(site, layer, marker in bound)
         plan = json.loads(plan)
         _check_rules(plan, ctx.rules, layer)
         names = plan["buffers"]
@@ -67,6 +68,18 @@ def _marker_of(node):
     if node is not None and node.op == "call_function" and getattr(node.target, "__name__", "") == "getitem":
         node = node.args[0]
     return node if node is not None and node.op == "call_function" and node.target in MARKERS else None
+
+
+def _check_identity(site, layer: int, taken: bool) -> None:
+    """One site per cache layer, and the layer the graph says is the layer the cache says: never two layers (or a
+    misread layer) bound to one slot."""
+    if taken or site.identity_problem:
+        raise StateCacheError(f"linearize: StateCache layer {layer} is read by more than one attention in this graph "
+                              f"({site.identity_problem or site.module_path}); its state cannot be shared")
+    if site.layer is not None and site.layer != layer:
+        raise StateCacheError(f"linearize: {site.module_path} reads StateCache layer {layer}, but its module path "
+                              f"places it at layer {site.layer}; the layer identity is inconsistent, refusing to "
+                              "decode with a state that may belong to another layer")
 
 
 def _check_rules(plan: dict, rules, layer: int) -> None:

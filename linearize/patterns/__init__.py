@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from . import matmul_softmax, sdpa
 from .graph import is_op, module_path
+from .identity import duplicate_layers, innermost_module
 from .site import AttentionSite, NearMiss, Provenance
 
 PATTERNS = [sdpa, matmul_softmax]
@@ -40,6 +41,8 @@ def find_sites(graph: fx.Graph, extra=()) -> tuple[list[AttentionSite], list[Unm
         for pattern in (*extra, *PATTERNS):
             found = pattern.match(node)
             if isinstance(found, AttentionSite):
+                entry = innermost_module(node)
+                found.module_class = entry[1] if entry else None
                 sites.append(found)
                 covered.update(found.matched_nodes)
                 break
@@ -54,6 +57,9 @@ def find_sites(graph: fx.Graph, extra=()) -> tuple[list[AttentionSite], list[Unm
             unmatched.append(Unmatched(node.name, module_path(node),
                                        "no attention pattern matches this softmax (not attention, or a shape "
                                        "the library does not know yet)"))
+    ambiguous = duplicate_layers(sites)  # a layer two sites claim cannot be selected by rules or bound to a cache
+    for site in sites:
+        site.identity_problem = ambiguous.get(id(site))
     return sites, unmatched
 
 

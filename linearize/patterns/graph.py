@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import operator
-import re
 from typing import Optional
 
 import networkx as nx
 import torch
 import torch.fx as fx
+
+from .identity import layer_index, module_path  # noqa: F401  (re-exported: the shared graph queries)
 
 # An op is named the same whether Dynamo recorded `torch.transpose(x, ...)` or `x.transpose(...)`.
 _FUNCTION_NAMES = {
@@ -59,31 +60,6 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
-
-
-def module_path(node: fx.Node) -> str:
-    """Dotted path of the innermost module that produced `node` ("model.layers.3.self_attn")."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path, _cls = list(stack.values())[-1]
-    return _clean_path(path)
-
-
-def _clean_path(path: str) -> str:
-    # Dynamo writes paths as "L['self'].model.layers[3].self_attn" or with "_modules['3']" forms.
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
-    return path.strip(".")
-
-
-def layer_index(path: str) -> Optional[int]:
-    """The first integer component of a module path: `model.layers.7.self_attn` -> 7."""
-    for part in path.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
 
 
 def data_graph(graph: fx.Graph) -> nx.DiGraph:

@@ -68,8 +68,8 @@ class AttentionSite:
     attn_mask: Optional[fx.Node]
     gqa_groups: int  # query heads per KV head
     pattern: str  # name of the pattern that matched
-    module_path: str
-    layer: Optional[int]
+    module_path: str  # the model's own module name ("model.layers.3.self_attn"), root dropped
+    layer: Optional[int]  # index in the decoder-layer list (patterns/identity.py); None when not established
     dropout_p: float = 0.0
     shape: tuple = ()  # (B, Hq, Hkv, L, S, D, Dv) at capture time
     matched_nodes: list = field(default_factory=list)  # every node the pattern covered, output last
@@ -80,6 +80,8 @@ class AttentionSite:
     mask_rows: Optional[int] = None  # largest query-dim size among the masks: 1 means key padding only
     mask_example: Optional[str] = None  # the mask on the example input: causal, bidirectional, padded or cache
     state: Optional[StateBinding] = None  # set when a StateCache feeds the keys (decoding)
+    module_class: Optional[type] = None  # the module's class as Dynamo recorded it (checked against the model)
+    identity_problem: Optional[str] = None  # why the layer cannot be told apart; the site then keeps softmax
 
     @property
     def causality(self) -> str:
