@@ -5,6 +5,7 @@
     report = linearize.explain(model, input_ids, rules="liger")
     linearize.convert(model, rules="liger")                                 # in place: generate() uses it too
     model.generate(ids, past_key_values=linearize.StateCache(model))         # constant-memory decoding
+    linearize.save_pretrained(model, "out/"); linearize.from_pretrained("out/")   # checkpoints (checkpoint.py)
 
 Data flow: Dynamo graph -> `passes` (using `patterns` and `rewrite`) -> rewritten graph -> `lowering` ops -> `kernels`.
 """
@@ -13,12 +14,17 @@ from .explain import Report, explain
 from .rewrite import RuleError, available as available_rules
 
 __version__ = "0.1.0"
-__all__ = ["linearize_backend", "explain", "Report", "RuleError", "available_rules", "convert", "StateCache"]
+__all__ = ["linearize_backend", "explain", "Report", "RuleError", "available_rules", "convert", "StateCache",
+           "save_pretrained", "from_pretrained"]
 
 
-def __getattr__(name):  # generation imports transformers: load it on first use
+def __getattr__(name):  # generation and checkpoints import transformers: load them on first use
     if name in ("convert", "StateCache"):
         from . import generation
 
         return getattr(generation, name)
+    if name in ("save_pretrained", "from_pretrained"):
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
     raise AttributeError(f"module 'linearize' has no attribute {name!r}")

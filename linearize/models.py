@@ -120,7 +120,8 @@ def _quiet_offline():
                 os.environ[k] = v
 
 
-def _no_init_weights():
+def no_init_weights():
+    """transformers' context that skips random initialisation (weights are loaded right after)."""
     try:
         from transformers.initialization import no_init_weights  # transformers >= 5
     except ImportError:  # pragma: no cover - transformers 4.x
@@ -137,7 +138,7 @@ def _load_smollm2_cached(dtype: torch.dtype, attn_implementation: str):
 
         directory, name = str(path.parent), path.name
         config = AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True)
-        with _no_init_weights():
+        with no_init_weights():
             model = AutoModelForCausalLM.from_config(
                 config, dtype=dtype, attn_implementation=attn_implementation
             )

@@ -65,21 +65,28 @@ class LayerPlan:
         return 1 if self.rewrite in ("gla", "liger") and self.params.get("normalize") else 0
 
 
-def plan_layers(model, rules, num_layers: int, device=None) -> list:
-    """One LayerPlan per decoder layer (index = the attention module's `layer_idx`)."""
+def decide_sites(model, rules, device=None):
+    """The backend's decision for every attention site of `model` under `rules` (an explain report on an 8-token
+    dummy input, nothing compiled): what a StateCache holds and what a saved checkpoint records."""
     from ..explain import explain
-    from ..patterns.identity import LayerIdentityError, verify_sites
-    from ..rewrite import rules as rule_sets
 
-    rules_name = rule_sets.load(rules).name  # as the backend's pass context names it
     vocab = getattr(model.config, "vocab_size", 2)
     ids = (torch.arange(8, device=device) % max(vocab - 1, 1) + 1)[None]
     compiled = model.__dict__.get("_compiled_call_impl")  # explain compiles the plain forward itself
     model._compiled_call_impl = None
     try:
-        report = explain(model, ids, rules=rules, use_cache=False)
+        return explain(model, ids, rules=rules, use_cache=False)
     finally:
         model._compiled_call_impl = compiled
+
+
+def plan_layers(model, rules, num_layers: int, device=None) -> list:
+    """One LayerPlan per decoder layer (index = the attention module's `layer_idx`)."""
+    from ..patterns.identity import LayerIdentityError, verify_sites
+    from ..rewrite import rules as rule_sets
+
+    rules_name = rule_sets.load(rules).name  # as the backend's pass context names it
+    report = decide_sites(model, rules, device)
     for site in report.sites:
         if site.identity_problem:  # even kept as softmax: two calls would write one cache slot
             raise LayerIdentityError(f"linearize: StateCache cannot serve this model: {site.identity_problem}")
