@@ -27,7 +27,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WATCHED = ("torch", "transformers", "triton", "peft", "accelerate", "huggingface_hub", "tokenizers", "safetensors",
-           "gguf", "networkx", "sympy", "PyYAML", "rich", "tqdm", "pytest", "hypothesis", "numpy")
+           "gguf", "networkx", "sympy", "PyYAML", "rich", "tqdm", "pytest", "hypothesis", "numpy", "lm_eval",
+           "matplotlib", "datasets")
 
 
 # ------------------------------------------------------------------------------------------ probes (in the venv)

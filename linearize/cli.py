@@ -51,6 +51,7 @@ def main(argv=None) -> int:
                     help="smollm2, tiny-*, or saved checkpoint folders (each is evaluated as it is)")
     ev.add_argument("--rules", default="", help="comma-separated rule sets, one row each (e.g. liger,swa,exact)")
     ev.add_argument("--lengths", default="512,2k", help="context lengths, e.g. 512,2k,8k,16k")
+    ev.add_argument("--passkey-lengths", default=None, help="passkey prompt lengths (default: --lengths)")
     ev.add_argument("--tasks", default="ppl,passkey,mqar", help="any of ppl, passkey, mqar")
     ev.add_argument("--depths", default="0.1,0.5,0.9", help="passkey depths (fractions of the prompt)")
     ev.add_argument("--passkey-trials", type=int, default=1, help="passkeys per length and depth")
@@ -91,7 +92,10 @@ def _eval(args) -> int:
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        passkey_lengths = tuple(parse_length(x) for x in args.passkey_lengths.split(",")) \
+            if args.passkey_lengths else None
         spec = EvalSpec(lengths=tuple(parse_length(x) for x in args.lengths.split(",")), tasks=tasks,
+                        passkey_lengths=passkey_lengths,
                         depths=tuple(float(x) for x in args.depths.split(",")), passkey_trials=args.passkey_trials,
                         mqar_pairs=tuple(int(x) for x in args.mqar_pairs.split(",")), lm_eval=args.lm_eval,
                         lm_eval_limit=args.lm_eval_limit)

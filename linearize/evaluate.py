@@ -246,6 +246,7 @@ def _offline():
 @dataclass
 class EvalSpec:
     lengths: tuple = (512, 2048)
+    passkey_lengths: Optional[tuple] = None  # default: the perplexity lengths
     tasks: tuple = TASKS
     depths: tuple = DEFAULT_DEPTHS
     passkey_trials: int = 1
@@ -263,12 +264,14 @@ def evaluate_rows(rows: list, tokenizer, spec: EvalSpec, progress=None) -> dict:
 
     doc_ids = tokenizer(long_document(), return_tensors="pt", add_special_tokens=False).input_ids \
         if "ppl" in spec.tasks else None
+    passkey_lengths = spec.passkey_lengths or spec.lengths
     passkeys = {(L, d, t): passkey_probe(tokenizer, L, d, seed=spec.seed * 1000 + t)
-                for L in spec.lengths for d in spec.depths for t in range(spec.passkey_trials)} \
+                for L in passkey_lengths for d in spec.depths for t in range(spec.passkey_trials)} \
         if "passkey" in spec.tasks else {}
     mqar = {P: mqar_probes(tokenizer, P, spec.mqar_queries, seed=spec.seed + P) for P in spec.mqar_pairs} \
         if "mqar" in spec.tasks else {}
-    result = {"spec": {**spec.__dict__, "lengths": list(spec.lengths)}, "document": LONG_DOCUMENT_SOURCE,
+    result = {"spec": {**spec.__dict__, "lengths": list(spec.lengths), "passkey_lengths": list(passkey_lengths)},
+              "document": LONG_DOCUMENT_SOURCE,
               "document_tokens": int(doc_ids.shape[1]) if doc_ids is not None else None, "rows": {}}
     for name, enter in rows:
         row = result["rows"][name] = {"ppl": {}, "passkey": {}, "mqar": {}, "seconds": {}}
@@ -277,11 +280,11 @@ def evaluate_rows(rows: list, tokenizer, spec: EvalSpec, progress=None) -> dict:
             longest = max([p.ids.shape[1] for p in passkeys.values()] +
                           [p.ids.shape[1] for ps in mqar.values() for p in ps] + [1])
             answer = greedy_answer_fn(model, tokenizer, capacity=longest + ANSWER_TOKENS, max_new_tokens=ANSWER_TOKENS)
-            for L in spec.lengths:
-                if doc_ids is not None:
-                    _tick(progress, f"{name}: perplexity at {length_label(L)}")
-                    row["ppl"][str(L)] = perplexity_at(model, doc_ids, L)
-                for d in spec.depths if passkeys else ():
+            for L in spec.lengths if doc_ids is not None else ():
+                _tick(progress, f"{name}: perplexity at {length_label(L)}")
+                row["ppl"][str(L)] = perplexity_at(model, doc_ids, L)
+            for L in passkey_lengths if passkeys else ():
+                for d in spec.depths:
                     _tick(progress, f"{name}: passkey at {length_label(L)}, depth {d:.0%}")
                     probes = [passkeys[(L, d, t)] for t in range(spec.passkey_trials)]
                     row["passkey"][f"{L}@{d}"] = run_probes(probes, answer)
@@ -303,9 +306,9 @@ def _tick(progress, what: str) -> None:
 
 
 def steps(spec: EvalSpec, n_rows: int) -> int:
-    per_length = ("ppl" in spec.tasks) + (len(spec.depths) if "passkey" in spec.tasks else 0)
-    per_row = len(spec.lengths) * per_length + (len(spec.mqar_pairs) if "mqar" in spec.tasks else 0) \
-        + bool(spec.lm_eval)
+    per_row = (len(spec.lengths) if "ppl" in spec.tasks else 0) + bool(spec.lm_eval) \
+        + (len(spec.passkey_lengths or spec.lengths) * len(spec.depths) if "passkey" in spec.tasks else 0) \
+        + (len(spec.mqar_pairs) if "mqar" in spec.tasks else 0)
     return n_rows * per_row
 
 
@@ -316,7 +319,7 @@ def table_rows(result: dict) -> tuple[list, list]:
     header = ["model"]
     any_row = next(iter(result["rows"].values()), {})
     header += [f"ppl {length_label(L)}" for L in spec["lengths"] if any_row.get("ppl")]
-    header += [f"passkey {length_label(L)}" for L in spec["lengths"] if any_row.get("passkey")]
+    header += [f"passkey {length_label(L)}" for L in spec["passkey_lengths"] if any_row.get("passkey")]
     header += [f"mqar {P}" for P in spec["mqar_pairs"] if any_row.get("mqar")]
     lm_cols = sorted({f"{t}/{m}" for r in result["rows"].values() for t, ms in (r.get("lm_eval") or {}).items()
                       for m in ms})
@@ -327,7 +330,7 @@ def table_rows(result: dict) -> tuple[list, list]:
         if any_row.get("ppl"):
             cells += [f"{r['ppl'][str(L)]['ppl']:.2f}" for L in spec["lengths"]]
         if any_row.get("passkey"):
-            for L in spec["lengths"]:
+            for L in spec["passkey_lengths"]:
                 accs = [v["accuracy"] for k, v in r["passkey"].items() if k.startswith(f"{L}@")]
                 cells.append(f"{100 * sum(accs) / len(accs):.0f}%")
         if any_row.get("mqar"):
@@ -377,7 +380,7 @@ def plot(result: dict, out: pathlib.Path) -> list:
         plt.close(fig)
         written.append(out / "perplexity.png")
     if any(r["passkey"] for r in rows.values()):
-        depths = spec["depths"]
+        depths, lengths = spec["depths"], spec["passkey_lengths"]
         fig, axes = plt.subplots(1, len(rows), figsize=(2.2 * len(rows) + 1, 3.2), squeeze=False)
         for ax, (name, r) in zip(axes[0], rows.items()):
             grid = [[r["passkey"][f"{L}@{d}"]["accuracy"] for L in lengths] for d in depths]
