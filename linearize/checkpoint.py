@@ -56,10 +56,7 @@ def save_pretrained(model, out, *, rules=None, tokenizer=None, lora: str = "merg
 
     if lora not in ("merge", "adapter"):
         raise CheckpointError(f"lora={lora!r}: choose 'merge' (fold into the weights) or 'adapter' (peft folder)")
-    out = pathlib.Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out}: the folder exists and is not empty; pass overwrite=True (--overwrite) or "
-                              "choose another folder")
+    out = _empty_folder(out, overwrite)
     rules = rules if rules is not None else _recorded_rules(model)
     ruleset = rule_sets.load(rules)
     if ruleset.patterns:
@@ -103,6 +100,14 @@ def save_pretrained(model, out, *, rules=None, tokenizer=None, lora: str = "merg
     config.save_pretrained(str(out))
     section["seconds"] = round(time.perf_counter() - start, 2)
     return section
+
+
+def _empty_folder(out, overwrite: bool) -> pathlib.Path:
+    out = pathlib.Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: the folder exists and is not empty; pass overwrite=True (--overwrite) or "
+                              "choose another folder")
+    return out
 
 
 def _recorded_rules(model):
@@ -348,18 +353,36 @@ AS_MINISTRAL = ("llama", "mistral")
 FULL = ("keep", "exact")
 
 
-def native_layer_types(decisions: list, num_layers: int) -> tuple[list, Optional[int]]:
-    """(`layer_types`, `sliding_window`) for window/full decisions, or CheckpointError saying why not."""
+def original_layer_types(config) -> list:
+    """What each layer of the unconverted model does: its config's `layer_types`, else every layer sliding when the
+    config sets a `sliding_window` the family uses (Mistral), else full."""
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return ["sliding_attention"] * n
+    return ["full_attention"] * n
+
+
+def native_layer_types(decisions: list, config) -> tuple[list, Optional[int]]:
+    """(`layer_types`, `sliding_window`) for window/full decisions, or CheckpointError saying why not. A layer kept
+    as softmax keeps what the original model does there (which may be its own sliding window)."""
+    n = config.num_hidden_layers
     windows, types = set(), []
     by_layer = {d["layer"]: d for d in decisions}
-    if None in by_layer or sorted(by_layer) != list(range(num_layers)):
+    if None in by_layer or sorted(by_layer) != list(range(n)):
         raise CheckpointError("a native export needs exactly one attention site per decoder layer "
                               f"(layers found: {sorted(k for k in by_layer if k is not None)})")
-    for i in range(num_layers):
+    original = original_layer_types(config)
+    for i in range(n):
         d = by_layer[i]
         if d["rewrite"] in FULL:
-            types.append("full_attention")
-        elif d["rewrite"] == "swa" and set(d["params"]) <= {"window", "block_size", "chunk_size"}:
+            types.append(original[i])
+            if original[i] == "sliding_attention":
+                windows.add(int(config.sliding_window))
+        elif d["rewrite"] == "swa" and set(d["params"]) <= {"window"}:
             windows.add(int(d["params"]["window"]))
             types.append("sliding_attention")
         else:
@@ -367,8 +390,8 @@ def native_layer_types(decisions: list, num_layers: int) -> tuple[list, Optional
                                   "express only sliding-window and full softmax attention; save it with "
                                   "linearize.save_pretrained instead")
     if len(windows) > 1:
-        raise CheckpointError(f"windows {sorted(windows)} differ between layers; a transformers config has one "
-                              "`sliding_window`")
+        raise CheckpointError(f"windows {sorted(windows)} differ between layers (the model's own sliding layers "
+                              "count too); a transformers config has one `sliding_window`")
     return types, (windows.pop() if windows else None)
 
 
@@ -380,16 +403,14 @@ def export_native(model, out, *, rules=None, tokenizer=None, overwrite: bool = F
     from .generation.plan import decide_sites
     from .rewrite import rules as rule_sets
 
-    out = pathlib.Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out}: the folder exists and is not empty; pass overwrite=True or another folder")
+    out = _empty_folder(out, overwrite)
     if _is_peft(model):
         raise CheckpointError("merge the LoRA adapters first (model.merge_and_unload()) for a native export")
     rules = rules if rules is not None else _recorded_rules(model)
     rules_set = rule_sets.load(rules)
     decisions = [_decision(s) for s in decide_sites(model, rules_set).sites]
     cfg = model.config
-    types, window = native_layer_types(decisions, cfg.num_hidden_layers)
+    types, window = native_layer_types(decisions, cfg)
     family = cfg.model_type
     data = cfg.to_dict()
     if family in AS_MINISTRAL:

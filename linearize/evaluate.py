@@ -257,9 +257,9 @@ class EvalSpec:
     lm_eval_limit: Optional[int] = None
 
 
-def evaluate_rows(rows: list, tokenizer, spec: EvalSpec, progress=None) -> dict:
+def evaluate_rows(rows: list, tokenizer, spec: EvalSpec, progress=None, after_row=None) -> dict:
     """rows: [(name, enter)] where `enter()` is a context manager yielding the model for that row. Returns the
-    whole result: per row, per task, per length."""
+    whole result: per row, per task, per length. `after_row(result)` sees it after every row (partial files)."""
     from .data import LONG_DOCUMENT_SOURCE, long_document
 
     doc_ids = tokenizer(long_document(), return_tensors="pt", add_special_tokens=False).input_ids \
@@ -296,6 +296,8 @@ def evaluate_rows(rows: list, tokenizer, spec: EvalSpec, progress=None) -> dict:
                 row["lm_eval"] = run_lm_eval(model, tokenizer, spec.lm_eval, limit=spec.lm_eval_limit)
         row["seconds"] = round(time.perf_counter() - start, 1)
         torch._dynamo.reset()
+        if after_row is not None:
+            after_row(result)
     return result
 
 
@@ -455,7 +457,8 @@ def evaluate(models=("smollm2",), rules=(), spec: Optional[EvalSpec] = None, ori
             rows.append((name, enter))
     start = time.perf_counter()
     with tqdm(total=steps(spec, len(rows)), unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
-        result = evaluate_rows(rows, tokenizer, spec, progress=bar)
+        result = evaluate_rows(rows, tokenizer, spec, progress=bar,
+                               after_row=(lambda r: write(r, out)) if out is not None else None)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     result["models"] = list(models)
     if out is not None:

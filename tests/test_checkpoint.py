@@ -201,7 +201,7 @@ def test_native_export_loads_in_plain_transformers_with_linearizes_logits(tmp_pa
 
     rules = _rules_file(tmp_path, "rules:\n  - where: {layers: '1'}\n    rewrite: keep\n"
                                   "  - rewrite: swa\n    with: {window: 8}\n")
-    model = tiny_model(arch, num_hidden_layers=3)
+    model = tiny_model(arch, num_hidden_layers=3, **({"sliding_window": None} if arch == "mistral" else {}))
     result = export_native(model, tmp_path / "native", rules=rules)
     assert result["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
     assert result["max_diff"] <= 1e-5
@@ -226,4 +226,9 @@ def test_native_export_refuses_what_configs_cannot_say(tmp_path):
                                 "  - rewrite: swa\n    with: {window: 16}\n")
     with pytest.raises(CheckpointError, match=r"windows \[8, 16\] differ"):
         export_native(tiny_model("qwen2"), tmp_path / "c", rules=two)
-    assert not any(pathlib.Path(tmp_path, d).exists() for d in "abc")
+    # a kept layer keeps the original's own window: Mistral's 4096 next to a 16-token swa layer cannot be said
+    mixed = _rules_file(tmp_path, "rules:\n  - where: {layers: '0'}\n    rewrite: keep\n"
+                                  "  - rewrite: swa\n    with: {window: 16}\n")
+    with pytest.raises(CheckpointError, match=r"windows \[16, 4096\] differ .* own sliding layers"):
+        export_native(tiny_model("mistral"), tmp_path / "d", rules=mixed)
+    assert not any(pathlib.Path(tmp_path, d).exists() for d in "abcd")
