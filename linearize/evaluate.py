@@ -187,7 +187,12 @@ def run_lm_eval(model, tokenizer, tasks_dir, tasks: Optional[list] = None, limit
                 res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
                                               log_samples=False)
             except Exception as exc:  # noqa: BLE001 - one task's failure is a result, the others still run
-                out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+                hub = (_task_yaml(tasks_dir, name) or {}).get("dataset_path")
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}" if str(exc) else type(exc).__name__
+                if hub and hub not in _LOCAL_BUILDERS:
+                    why = (f"data not available offline: dataset {hub!r} is not in the local datasets cache "
+                           f"(nothing is downloaded; {why})")
+                out[name] = {"error": why}
                 continue
             metrics = res["results"].get(name, {})
             out[name] = {k.split(",")[0]: v for k, v in metrics.items()
@@ -198,33 +203,33 @@ def run_lm_eval(model, tokenizer, tasks_dir, tasks: Optional[list] = None, limit
 def _task_names(tasks_dir: pathlib.Path) -> list:
     import yaml
 
-    names = []
-    for f in sorted(tasks_dir.glob("*.yaml")):
-        doc = yaml.safe_load(f.read_text()) or {}
-        if isinstance(doc, dict) and isinstance(doc.get("task"), str):
-            names.append(doc["task"])
-    return names
+    docs = (yaml.safe_load(f.read_text()) or {} for f in sorted(tasks_dir.glob("*.yaml")))
+    return [d["task"] for d in docs if isinstance(d, dict) and isinstance(d.get("task"), str)]
 
 
-def _missing_data(tasks_dir: pathlib.Path, name: str) -> Optional[str]:
-    """For a task YAML with local `data_files`: the ones that do not exist. Hub datasets: named as missing unless
-    they are in the local datasets cache (we never download)."""
+_LOCAL_BUILDERS = ("json", "csv", "parquet", "text")
+
+
+def _task_yaml(tasks_dir: pathlib.Path, name: str) -> Optional[dict]:
     import yaml
 
     for f in sorted(tasks_dir.glob("*.yaml")):
         doc = yaml.safe_load(f.read_text()) or {}
-        if not isinstance(doc, dict) or doc.get("task") != name:
-            continue
-        path = doc.get("dataset_path")
-        files = (doc.get("dataset_kwargs") or {}).get("data_files")
-        if path in ("json", "csv", "parquet", "text") and files:
-            listed = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
-            flat = [x for v in listed for x in (v if isinstance(v, list) else [v])]
-            absent = [x for x in flat if not (f.parent / x).exists() and not pathlib.Path(x).exists()]
-            return ", ".join(absent) if absent else None
-        if path and path not in ("json", "csv", "parquet", "text"):
-            return None  # the harness itself reports a dataset that is not cached (downloads are switched off)
+        if isinstance(doc, dict) and doc.get("task") == name:
+            return doc
     return None
+
+
+def _missing_data(tasks_dir: pathlib.Path, name: str) -> Optional[str]:
+    """The local `data_files` of a task that do not exist (relative to the task folder), or None."""
+    doc = _task_yaml(tasks_dir, name) or {}
+    files = (doc.get("dataset_kwargs") or {}).get("data_files")
+    if doc.get("dataset_path") not in _LOCAL_BUILDERS or not files:
+        return None
+    listed = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
+    flat = [x for v in listed for x in (v if isinstance(v, list) else [v])]
+    absent = [x for x in flat if not (tasks_dir / x).exists()]
+    return ", ".join(absent) if absent else None
 
 
 @contextlib.contextmanager

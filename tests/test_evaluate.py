@@ -105,9 +105,11 @@ def test_lm_eval_runs_a_local_task_on_the_converted_model_offline(char_tokenizer
     pytest.importorskip("lm_eval")
     model = linearize.convert(tiny_model("llama"), rules="liger", inner="eager")
     out = run_lm_eval(model, char_tokenizer, TASKS)
-    assert set(out) == {"linearize_tiny_choice", "linearize_tiny_missing"}
+    assert set(out) == {"linearize_tiny_choice", "linearize_tiny_missing", "linearize_tiny_hub"}
     assert 0.0 <= out["linearize_tiny_choice"]["acc"] <= 1.0
     assert out["linearize_tiny_missing"] == {"error": "data not available offline: not_here.jsonl"}
+    assert out["linearize_tiny_hub"]["error"].startswith(
+        "data not available offline: dataset 'linearize-tests/no-such-dataset' is not in the local datasets cache")
 
 
 def test_eval_cli_on_a_saved_checkpoint_writes_table_json_and_plots(tmp_path, char_tokenizer, capsys):
