@@ -57,8 +57,11 @@ def save_pretrained(model, out, *, rules=None, tokenizer=None, lora: str = "merg
     if lora not in ("merge", "adapter"):
         raise CheckpointError(f"lora={lora!r}: choose 'merge' (fold into the weights) or 'adapter' (peft folder)")
     out = _empty_folder(out, overwrite)
-    rules = rules if rules is not None else _recorded_rules(model)
-    ruleset = rule_sets.load(rules)
+    recorded = _recorded_rules(model, required=rules is None)
+    if rules is not None and recorded is not None and str(rules) != str(recorded):
+        raise CheckpointError(f"the model was converted with rules={recorded!r} but save_pretrained was given "
+                              f"rules={rules!r}: the checkpoint would record a model other than the one that runs")
+    ruleset = rule_sets.load(rules if rules is not None else recorded)
     if ruleset.patterns:
         raise CheckpointError(f"rules {ruleset.name!r} define their own attention patterns (`patterns:`); a "
                               "checkpoint cannot record them yet. Save with rules built on the pattern library.")
@@ -74,6 +77,8 @@ def save_pretrained(model, out, *, rules=None, tokenizer=None, lora: str = "merg
             raise CheckpointError(f"site {d['node']} has neither a layer index nor a module path; its decision "
                                   "could not be re-applied on load")
     out.mkdir(parents=True, exist_ok=True)
+    if (out / ADAPTER_DIR).is_dir():  # overwriting: an adapter folder left from an earlier save must not survive
+        shutil.rmtree(out / ADAPTER_DIR)
     from safetensors.torch import save_model
 
     save_model(base, str(out / WEIGHTS), metadata={"format": "pt", "producer": FORMAT})
@@ -110,11 +115,14 @@ def _empty_folder(out, overwrite: bool) -> pathlib.Path:
     return out
 
 
-def _recorded_rules(model):
+def _recorded_rules(model, required: bool = True):
+    """The rules `linearize.convert` recorded on the model (or its peft base); None, or an error if `required`."""
     for m in (model, getattr(model, "base_model", None), _peft_base(model)):
         rules = getattr(m, "_linearize_rules", None) if m is not None else None
         if rules is not None:
             return rules
+    if not required:
+        return None
     raise CheckpointError("this model was not converted with linearize.convert(model, rules=...), so the rules "
                           "are unknown; pass rules= to save_pretrained")
 

@@ -142,7 +142,7 @@ def _checkpoint(args) -> int:
             return 0
         if getattr(model, "_linearize_rules", None) is None:
             convert(model, rules=args.rules)
-        save_pretrained(model, args.out, rules=args.rules, tokenizer=tok, lora=args.lora, overwrite=args.overwrite)
+        save_pretrained(model, args.out, tokenizer=tok, lora=args.lora, overwrite=args.overwrite)  # rules as run
         print(show(args.out))
         print(f"saved in {time.perf_counter() - start:.1f} s (model loading included)")
         return 0

@@ -168,6 +168,9 @@ def test_not_a_checkpoint_and_existing_folder(tmp_path, saved):
         save_pretrained(linearize.convert(tiny_model("llama"), rules="swa"), saved)
     with pytest.raises(CheckpointError, match="rules are unknown; pass rules="):
         save_pretrained(tiny_model("llama"), tmp_path / "new")
+    with pytest.raises(CheckpointError, match="converted with rules='swa' but save_pretrained was given rules='gla'"):
+        save_pretrained(linearize.convert(tiny_model("llama"), rules="swa"), tmp_path / "new", rules="gla")
+    assert not (tmp_path / "new").exists()
 
 
 def test_auto_class_loads_with_remote_code_and_never_silently_as_softmax(saved):
