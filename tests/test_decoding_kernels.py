@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from linearize.kernels.hybrid import hybrid_attention_fwd
-from linearize.kernels.naive import naive_hybrid_attention
+from linearize.kernels.naive import naive_hybrid_attention, naive_softmax_attention
 from linearize.kernels.ring import ring_attention
 from linearize.kernels.window import window_attention_fwd
 from linearize.rewrite.gates import hedgehog_feature, softmax_feature
@@ -29,10 +29,16 @@ def _empty_ring(B, Hkv, W, D, Dv, F=None, dtype=torch.float64):
     return ring
 
 
-def _run_chunks(q, k, v, window, chunks, fq=None, fk=None, valid=None, block=4):
+def _sink_buffers(B, Hkv, N, D, Dv, dtype=torch.float64):
+    return [torch.zeros(B, Hkv, N, D, dtype=dtype), torch.zeros(B, Hkv, N, Dv, dtype=dtype),
+            torch.full((B, N), -1, dtype=torch.long)]
+
+
+def _run_chunks(q, k, v, window, chunks, fq=None, fk=None, valid=None, block=4, sinks=0):
     B, Hkv, T, D = k.shape
     F = None if fq is None else fq.shape[-1]
     ring = _empty_ring(B, Hkv, window, D, v.shape[-1], F, q.dtype)
+    sink = _sink_buffers(B, Hkv, sinks, D, v.shape[-1], q.dtype)
     valid = torch.ones(B, T, dtype=torch.bool) if valid is None else valid
     outs, start = [], 0
     for n in chunks:
@@ -40,13 +46,14 @@ def _run_chunks(q, k, v, window, chunks, fq=None, fk=None, valid=None, block=4):
         if n <= 0:
             break
         sl = slice(start, start + n)
-        extra = {}
+        extra = dict(sink_k=sink[0], sink_v=sink[1], sink_pos=sink[2]) if sinks else {}
         if fq is not None:
             extra = dict(fq=fq[:, :, sl], fk=fk[:, :, sl], ring_fk=ring[3], state=ring[4], norm=ring[5])
         res = ring_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], valid[:, sl], torch.tensor(start),
                              ring[0], ring[1], ring[2], 0.5, window, block=block, **extra)
         outs.append(res[0])
         ring = list(res[1:4]) + ([res[4], res[5], res[6]] if fq is not None else [])
+        sink = list(res[4:7]) if sinks else sink
         start += n
     return torch.cat(outs, dim=2), ring
 
@@ -62,6 +69,20 @@ def test_window_ring_matches_full_sequence(chunks, window, groups):
 
 
 @pytest.mark.parametrize("chunks", CHUNKINGS)
+@pytest.mark.parametrize("window,sinks", [(1, 1), (3, 2), (4, 5), (16, 4)])
+def test_window_ring_with_sinks_matches_full_sequence(chunks, window, sinks):
+    """Attention sinks: the first N tokens, kept beside the ring, give the full-sequence kernel and the reference."""
+    q, k, v = _inputs(2, 6, 3, 12, 8, 5, seed=3)
+    ours, _ = _run_chunks(q, k, v, window, chunks, sinks=sinks)
+    ref = window_attention_fwd(q, k, v, 0.5, window, sinks)[0]
+    assert rel_rmse(ours, ref) < 1e-12
+    naive = naive_softmax_attention(q, k, v, scale=0.5, window=window, sink_tokens=sinks)
+    assert rel_rmse(ours, naive) < 1e-12
+    if window < 12:  # the sinks change the result (guards against a kernel that ignores them)
+        assert rel_rmse(ours, window_attention_fwd(q, k, v, 0.5, window)[0]) > 1e-3
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
 @pytest.mark.parametrize("window", [1, 3, 4, 16])
 @pytest.mark.parametrize("feature", [softmax_feature, hedgehog_feature])
 def test_hybrid_ring_and_state_match_full_sequence(chunks, window, feature):
@@ -74,8 +95,8 @@ def test_hybrid_ring_and_state_match_full_sequence(chunks, window, feature):
     assert rel_rmse(ours, naive) < 1e-12
 
 
-@pytest.mark.parametrize("hybrid", [False, True])
-def test_padding_never_reaches_ring_or_state(hybrid):
+@pytest.mark.parametrize("hybrid,sinks", [(False, 0), (True, 0), (False, 2)])
+def test_padding_never_reaches_ring_or_state(hybrid, sinks):
     """Row 0 is left-padded by 4; its outputs on real tokens equal those of the unpadded sequence run alone."""
     q, k, v = _inputs(2, 6, 3, 12, 8, 5, seed=1)
     pad = 4
@@ -85,10 +106,10 @@ def test_padding_never_reaches_ring_or_state(hybrid):
     k[0, :, :pad] = -1e4
     v[0, :, :pad] = float("nan")
     feats = dict(fq=softmax_feature(q), fk=softmax_feature(k)) if hybrid else {}
-    ours, ring = _run_chunks(q, k, v, 3, [5, 1, 6], valid=valid, **feats)
+    ours, ring = _run_chunks(q, k, v, 3, [5, 1, 6], valid=valid, sinks=sinks, **feats)
     alone_q, alone_k, alone_v = (x[:1, :, pad:] for x in (q, k, v))
     alone = {n: x[:1, :, pad:] for n, x in feats.items()}
-    ref, _ = _run_chunks(alone_q, alone_k, alone_v, 3, [8], **alone)
+    ref, _ = _run_chunks(alone_q, alone_k, alone_v, 3, [8], sinks=sinks, **alone)  # sinks: first *real* tokens
     assert torch.isfinite(ours).all()
     assert rel_rmse(ours[:1, :, pad:], ref) < 1e-12
     for t in ring:
@@ -143,7 +164,8 @@ def test_decoding_ops_pass_opcheck():
     ring = _empty_ring(2, 3, 4, 8, 4, F=8, dtype=torch.float32)
     ring[2] = torch.tensor([[4, 5, 6, 3]] * 2)
     ops = torch.ops.linearize
-    torch.library.opcheck(ops.ring_window_attention, (q, k, v, valid, pos0, *ring[:3], 0.5, 4))
+    for sink in (_sink_buffers(2, 3, 0, 8, 4, torch.float32), _sink_buffers(2, 3, 2, 8, 4, torch.float32)):
+        torch.library.opcheck(ops.ring_window_attention, (q, k, v, valid, pos0, *ring[:3], *sink, 0.5, 4))
     torch.library.opcheck(ops.ring_hybrid_attention, (q, k, v, fq, fk, valid, pos0, *ring, 0.5, 4))
     mask = _hf_mask(7, 5, 16)
     torch.library.opcheck(ops.chunk_key_validity, (mask, pos0, 5))

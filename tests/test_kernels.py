@@ -174,6 +174,28 @@ def test_window_attention_matches_naive(seq, window, groups, dv):
         assert rel_rmse(with_lse, without) <= TOL_FP32
 
 
+@pytest.mark.parametrize("seq,window,groups,dv,sinks", [(37, 8, 1, 8, 4), (37, 1, 3, 6, 1), (64, 16, 3, 5, 2),
+                                                        (33, 5, 2, 12, 40), (10, 64, 1, 8, 4)])
+def test_window_attention_with_sinks_matches_naive(seq, window, groups, dv, sinks):
+    """Attention sinks: the first `sinks` keys stay visible to every query, forward and gradients."""
+    gen = torch.Generator().manual_seed(seq + window + sinks)
+    q = torch.randn(2, 2 * groups, seq, 8, generator=gen)
+    k = torch.randn(2, 2, seq, 8, generator=gen)
+    v = torch.randn(2, 2, seq, dv, generator=gen)
+    o, lse = window_attention_fwd(q, k, v, 0.4, window, sinks)
+    do = torch.randn_like(o)
+    (ref_o,), ref_grads = reference_grads(
+        lambda *xs: naive_softmax_attention(*xs, scale=0.4, window=window, sink_tokens=sinks), (q, k, v), (do,))
+    assert rel_rmse(o, ref_o) <= TOL_FP32
+    for gr, ref in zip(window_attention_bwd(do, q, k, v, 0.4, window, sink_tokens=sinks), ref_grads):
+        assert rel_rmse(gr, ref) <= TOL_FP32
+    for with_lse, without in zip(window_attention_bwd(do, q, k, v, 0.4, window, lse, sinks),
+                                 window_attention_bwd(do, q, k, v, 0.4, window, None, sinks)):
+        assert rel_rmse(with_lse, without) <= TOL_FP32
+    if seq > window:  # the sinks change the result
+        assert rel_rmse(o, window_attention_fwd(q, k, v, 0.4, window)[0]) > 1e-3
+
+
 def test_window_attention_is_not_full_causal():
     """The window must actually cut keys off (guards against a kernel that ignores it)."""
     q, k, v = (torch.randn(1, 1, 24, 8) for _ in range(3))

@@ -20,7 +20,7 @@ EXPECTED_SCHEMAS = {
     "attention": "linearize::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, "
                  "float scale, bool is_causal, float softcap=0., Tensor? sinks=None) -> Tensor",
     "window_attention": "linearize::window_attention(Tensor q, Tensor k, Tensor v, float scale, "
-                        "int window) -> Tensor",
+                        "int window, int sink_tokens=0) -> Tensor",
     "gla": "linearize::gla(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, "
            "float scale, int chunk_size) -> (Tensor, Tensor)",
 }
@@ -63,11 +63,12 @@ def test_gla_gradcheck(seq, chunk, groups, with_state):
     assert torch.autograd.gradcheck(run, inputs)
 
 
-def test_window_attention_gradcheck():
+@pytest.mark.parametrize("sink_tokens", [0, 2])
+def test_window_attention_gradcheck(sink_tokens):
     q = _randn(1, 4, 9, 3, seed=1)
     k, v = _randn(1, 2, 9, 3, seed=2), _randn(1, 2, 9, 2, seed=3)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: ops.window_attention(q, k, v, 0.6, 3), (q, k, v))
+        lambda q, k, v: ops.window_attention(q, k, v, 0.6, 3, sink_tokens), (q, k, v))
 
 
 @pytest.mark.parametrize("mask_kind,is_causal", [("none", True), ("bool", True), ("float", False)])
@@ -96,6 +97,7 @@ def _opcheck_cases():
         "gla-h0": (ops.gla.default, (q, k, v, g, h0, 0.5, 8)),
         "gla-no-h0": (ops.gla.default, (q2, k2, v2, g2, None, 0.5, 16)),
         "window_attention": (ops.window_attention.default, (wq, wk, wv, 0.5, 4)),
+        "window_attention-sinks": (ops.window_attention.default, (wq, wk, wv, 0.5, 4, 2)),
         "attention-causal": (ops.attention.default, (wq, wk, wv, None, 0.5, True)),
         "attention-bool-mask": (ops.attention.default, (wq, wk, wv, mask, 0.5, False)),
         "attention-softcap-sinks": (ops.attention.default,

@@ -225,7 +225,7 @@ def test_cli_list_show_check(tmp_path, capsys):
     good.write_text("rules:\n  - where: {layers: \"0-1\"}\n    rewrite: keep\n  - rewrite: swa\n    with: {window: 3}\n")
     assert main(["rules", "check", str(good)]) == 0
     out = capsys.readouterr().out
-    assert "valid, 2 rule(s)" in out and "-> swa (window=3)" in out
+    assert "valid, 2 rule(s)" in out and "-> swa (window=3, sinks=0)" in out
     for name in RECIPES:
         assert main(["rules", "check", name]) == 0, name
 

@@ -69,7 +69,7 @@ class StateLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         for name, t in self.buffers.items():
-            t.fill_(-1) if name == "ring_pos" else t.zero_()
+            t.fill_(-1) if name.endswith("_pos") else t.zero_()
         self.cumulative_length.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

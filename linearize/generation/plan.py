@@ -48,12 +48,15 @@ class LayerPlan:
     def buffers(self, batch: int, dtype: torch.dtype, device) -> dict:
         """Zeroed buffers for this layer: rings in the model's dtype, states and sums in fp32, positions -1."""
         B, H, D, Dv = batch, self.kv_heads, self.k_dim, self.v_dim
-        W = self.params.get("window")
+        W, N = self.params.get("window"), self.params.get("sinks", 0)
         f32 = dict(dtype=torch.float32, device=device)
         make = {
             "ring_k": lambda: torch.zeros(B, H, W, D, dtype=dtype, device=device),
             "ring_v": lambda: torch.zeros(B, H, W, Dv, dtype=dtype, device=device),
             "ring_pos": lambda: torch.full((B, W), -1, dtype=torch.long, device=device),
+            "sink_k": lambda: torch.zeros(B, H, N, D, dtype=dtype, device=device),
+            "sink_v": lambda: torch.zeros(B, H, N, Dv, dtype=dtype, device=device),
+            "sink_pos": lambda: torch.full((B, N), -1, dtype=torch.long, device=device),
             "ring_fk": lambda: torch.zeros(B, H, W, self.feature_dim(), **f32),
             "state": lambda: torch.zeros(B, H, self.feature_dim(), Dv + self._extra_v(), **f32),
             "norm": lambda: torch.zeros(B, H, self.feature_dim(), **f32),

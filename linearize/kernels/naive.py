@@ -47,10 +47,11 @@ def naive_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float,
 def naive_softmax_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                             scale: float | None = None, is_causal: bool = False,
                             window: int | None = None, softcap: float = 0.0,
-                            sinks: Tensor | None = None) -> Tensor:
+                            sinks: Tensor | None = None, sink_tokens: int = 0) -> Tensor:
     """Quadratic masked softmax attention with SDPA semantics (enable_gqa=True).
 
-    `window` adds a causal sliding window: query i sees keys j with i - window < j <= i.
+    `window` adds a causal sliding window: query i sees keys j with i - window < j <= i, and with
+    `sink_tokens` also the first keys j < sink_tokens (StreamingLLM's attention sinks).
     `softcap` caps scores as cap * tanh(scores / cap) before masking; `sinks` (broadcastable to
     [B, Hq, L, 1]) are extra softmax columns whose value vectors are zero.
     Fully masked rows return 0, like SDPA's math path.
@@ -70,7 +71,7 @@ def naive_softmax_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
     if is_causal or window is not None:
         allowed = allowed & (cols <= rows)
     if window is not None:
-        allowed = allowed & (cols > rows - window)
+        allowed = allowed & ((cols > rows - window) | (cols < sink_tokens))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = allowed & attn_mask

@@ -29,18 +29,24 @@ BLOCK = 64
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor, ring_k: Tensor, ring_v: Tensor,
                    ring_pos: Tensor, scale: float, window: int, fq: Optional[Tensor] = None,
                    fk: Optional[Tensor] = None, ring_fk: Optional[Tensor] = None, state: Optional[Tensor] = None,
-                   norm: Optional[Tensor] = None, block: int = BLOCK):
+                   norm: Optional[Tensor] = None, block: int = BLOCK, sink_k: Optional[Tensor] = None,
+                   sink_v: Optional[Tensor] = None, sink_pos: Optional[Tensor] = None):
     """One chunk of window (or, given fq/fk/ring_fk/state/norm, hybrid) attention against a ring.
 
     q [B, Hq, T, D] at positions pos0 .. pos0+T-1 (pos0: 0-d long tensor); k [B, Hkv, T, D], v [B, Hkv, T, Dv];
     valid [B, T] bool (False: padding, never attended, never stored); ring_k [B, Hkv, W, D], ring_v [B, Hkv, W, Dv],
     ring_pos [B, W] long. Hybrid only: fq [B, Hq, T, F], fk / ring_fk [B, Hkv, T|W, F], state [B, Hkv, F, Dv] and
-    norm [B, Hkv, F] (sums of fk^T v and fk over keys older than the ring).
+    norm [B, Hkv, F] (sums of fk^T v and fk over keys older than the ring). Window only, with attention sinks:
+    sink_k [B, Hkv, N, D], sink_v [B, Hkv, N, Dv], sink_pos [B, N]: the first N real tokens of each row (padding
+    does not count), visible to every query they are at least W older than (nearer ones are in the ring).
 
-    Returns (o [B, Hq, T, Dv] in v's dtype, ring_k, ring_v, ring_pos) and, for the hybrid, (ring_fk, state, norm)
-    after it: new tensors, the inputs are not modified.
+    Returns (o [B, Hq, T, Dv] in v's dtype, ring_k, ring_v, ring_pos), then (sink_k, sink_v, sink_pos) when given,
+    or, for the hybrid, (ring_fk, state, norm): new tensors, the inputs are not modified.
     """
     hybrid = fq is not None
+    n_sink = sink_k.shape[2] if sink_k is not None else 0
+    if hybrid and n_sink:
+        raise ValueError("attention sinks are not supported by the hybrid (shared-normaliser) ring")
     B, Hq, T, D = q.shape
     Hkv, Dv, W = k.shape[1], v.shape[-1], ring_k.shape[2]
     if W != window:
@@ -58,6 +64,16 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor,
     kpos_all = torch.cat([ring_pos, kpos], dim=1)  # [B, W + T]
     qg = q.to(acc).reshape(B, Hkv, G, T, D)
     out = torch.empty(B, Hkv, G, T, Dv, dtype=acc, device=dev)
+    if n_sink:  # store the chunk's keys that are among each row's first N real tokens, before attending
+        new_sk, new_sv, new_sp = sink_k.clone(), sink_v.clone(), sink_pos.clone()
+        real_index = (sink_pos >= 0).sum(-1, keepdim=True) + valid.long().cumsum(-1) - 1  # [B, T]
+        rows, cols = (valid & (real_index < n_sink)).nonzero(as_tuple=True)
+        slots_s = real_index[rows, cols]
+        new_sk[rows, :, slots_s] = k[rows, :, cols].to(sink_k.dtype)
+        new_sv[rows, :, slots_s] = v[rows, :, cols].to(sink_v.dtype)
+        new_sp[rows, slots_s] = qpos[cols]
+        sink_keys, sink_vals = new_sk.to(acc).unsqueeze(2), new_sv.to(acc).unsqueeze(2)  # [B, Hkv, 1, N, D]
+        sink_p = new_sp[:, None, None, None, :]  # [B, 1, 1, 1, N]
     if hybrid:
         fqg = fq.to(acc).reshape(B, Hkv, G, T, -1)
         fk = fk.masked_fill(hide, 0)
@@ -94,6 +110,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor,
         scores = scale * (qg[:, :, :, s:s + n] @ keys[:, :, idx].unsqueeze(2).transpose(-1, -2))
         scores = scores.masked_fill(~in_window, float("-inf"))
         v_blk = vals[:, :, idx].unsqueeze(2)
+        if n_sink:  # sinks at least W older than the query (nearer ones are in the window already)
+            far = (sink_p >= 0) & (qpos[s:s + n][:, None] - sink_p >= W)
+            sink_scores = scale * (qg[:, :, :, s:s + n] @ sink_keys.transpose(-1, -2))
+            scores = torch.cat([sink_scores.masked_fill(~far, float("-inf")), scores], dim=-1)
+            v_blk = torch.cat([sink_vals, v_blk], dim=-2)
         if not hybrid:  # normalised like window_attention (exp(s - logsumexp)), so prefill agrees to rounding
             lse = scores.logsumexp(-1, keepdim=True)
             lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # a padding query sees no key
@@ -117,7 +138,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor,
     new_pos[:, slots] = kpos[:, T - keep:]
     o = out.reshape(B, Hq, T, Dv).to(v.dtype)
     if not hybrid:
-        return o, new_k, new_v, new_pos
+        return (o, new_k, new_v, new_pos) + ((new_sk, new_sv, new_sp) if n_sink else ())
     fold(pos0 + T - W, T - W - block, T - W)  # what leaves the ring joins the state
     new_fk = ring_fk.clone()
     new_fk[:, :, slots] = fk[:, :, T - keep:].to(ring_fk.dtype)

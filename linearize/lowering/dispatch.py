@@ -8,8 +8,8 @@ Kernel signatures follow the op schemas, with the backward taking the output gra
     attention:        fwd(q, k, v, attn_mask, scale, is_causal, softcap, sinks) -> o
                       bwd(do, q, k, v, attn_mask, scale, is_causal, softcap, sinks)
                           -> (dq, dk, dv, dsinks)   (dsinks None without sinks)
-    window_attention: fwd(q, k, v, scale, window) -> o
-                      bwd(do, q, k, v, scale, window) -> (dq, dk, dv)
+    window_attention: fwd(q, k, v, scale, window, sink_tokens) -> o
+                      bwd(do, q, k, v, scale, window, sink_tokens) -> (dq, dk, dv)
     gla:              fwd(q, k, v, g, initial_state, scale, chunk_size) -> (o, final_state)
                       bwd(do, dht, q, k, v, g, initial_state, scale, chunk_size)
                           -> (dq, dk, dv, dg, dh0)      (dht may be None; dh0 always a tensor)
@@ -87,10 +87,10 @@ register(
 )
 register(
     "window_attention", "reference",
-    forward=lambda q, k, v, scale, window_size:
-        window.window_attention_fwd(q, k, v, scale, window_size)[0],
-    backward=lambda do, q, k, v, scale, window_size:
-        window.window_attention_bwd(do, q, k, v, scale, window_size),
+    forward=lambda q, k, v, scale, window_size, sink_tokens=0:
+        window.window_attention_fwd(q, k, v, scale, window_size, sink_tokens)[0],
+    backward=lambda do, q, k, v, scale, window_size, sink_tokens=0:
+        window.window_attention_bwd(do, q, k, v, scale, window_size, sink_tokens=sink_tokens),
 )
 register(
     "gla", "reference",

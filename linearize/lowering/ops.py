@@ -27,9 +27,9 @@ SCHEMAS = {
     "attention_backward": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask,"
                           " float scale, bool is_causal, float softcap, Tensor? sinks)"
                           " -> (Tensor, Tensor, Tensor, Tensor)",
-    "window_attention": "(Tensor q, Tensor k, Tensor v, float scale, int window) -> Tensor",
+    "window_attention": "(Tensor q, Tensor k, Tensor v, float scale, int window, int sink_tokens=0) -> Tensor",
     "window_attention_backward": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, float scale,"
-                                 " int window) -> (Tensor, Tensor, Tensor)",
+                                 " int window, int sink_tokens=0) -> (Tensor, Tensor, Tensor)",
     "gla": "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, float scale,"
            " int chunk_size) -> (Tensor, Tensor)",
     "gla_backward": "(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v,"
@@ -113,38 +113,38 @@ attention.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 # ---------------------------------------------------------------------- window attention
 @_custom_op("window_attention")
-def window_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int) -> Tensor:
-    o = dispatch.kernels("window_attention", q.device.type).forward(q, k, v, scale, window)
+def window_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int, sink_tokens: int = 0) -> Tensor:
+    o = dispatch.kernels("window_attention", q.device.type).forward(q, k, v, scale, window, sink_tokens)
     return _contiguous(o)[0]
 
 
 @window_attention.register_fake
-def _(q, k, v, scale, window):
+def _(q, k, v, scale, window, sink_tokens=0):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 @_custom_op("window_attention_backward")
 def window_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float,
-                              window: int) -> tuple[Tensor, Tensor, Tensor]:
+                              window: int, sink_tokens: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     pair = dispatch.kernels("window_attention", q.device.type)
-    return _contiguous(*pair.backward(grad_out, q, k, v, scale, window))
+    return _contiguous(*pair.backward(grad_out, q, k, v, scale, window, sink_tokens))
 
 
 @window_attention_backward.register_fake
-def _(grad_out, q, k, v, scale, window):
+def _(grad_out, q, k, v, scale, window, sink_tokens=0):
     return _like(q), _like(k), _like(v)
 
 
 def _window_setup(ctx, inputs, output):
-    q, k, v, ctx.scale, ctx.window = inputs
+    q, k, v, ctx.scale, ctx.window, ctx.sink_tokens = inputs
     ctx.save_for_backward(q, k, v)
 
 
 def _window_grad(ctx, grad_out):
     q, k, v = ctx.saved_tensors
     dq, dk, dv = torch.ops.linearize.window_attention_backward(
-        grad_out, q, k, v, ctx.scale, ctx.window)
-    return dq, dk, dv, None, None
+        grad_out, q, k, v, ctx.scale, ctx.window, ctx.sink_tokens)
+    return dq, dk, dv, None, None, None
 
 
 window_attention.register_autograd(_window_grad, setup_context=_window_setup)

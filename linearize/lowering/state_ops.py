@@ -23,8 +23,8 @@ from ..kernels.ring import ring_attention
 
 SCHEMAS = {
     "ring_window_attention": "(Tensor q, Tensor k, Tensor v, Tensor valid, Tensor pos0, Tensor ring_k,"
-                             " Tensor ring_v, Tensor ring_pos, float scale, int window)"
-                             " -> (Tensor, Tensor, Tensor, Tensor)",
+                             " Tensor ring_v, Tensor ring_pos, Tensor sink_k, Tensor sink_v, Tensor sink_pos,"
+                             " float scale, int window) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "ring_hybrid_attention": "(Tensor q, Tensor k, Tensor v, Tensor fq, Tensor fk, Tensor valid, Tensor pos0,"
                              " Tensor ring_k, Tensor ring_v, Tensor ring_pos, Tensor ring_fk, Tensor state,"
                              " Tensor norm, float scale, int window)"
@@ -51,14 +51,19 @@ def _out_like(q: Tensor, v: Tensor) -> Tensor:
 
 @_custom_op("ring_window_attention")
 def ring_window_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor, ring_k: Tensor,
-                          ring_v: Tensor, ring_pos: Tensor, scale: float, window: int):
-    return tuple(t.contiguous() for t in
-                 ring_attention(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale, window))
+                          ring_v: Tensor, ring_pos: Tensor, sink_k: Tensor, sink_v: Tensor, sink_pos: Tensor,
+                          scale: float, window: int):
+    """Window attention of a chunk against the ring and the attention sinks (empty [B, Hkv, 0, D] buffers: none)."""
+    sinks = dict(sink_k=sink_k, sink_v=sink_v, sink_pos=sink_pos) if sink_k.shape[2] else {}
+    out = ring_attention(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale, window, **sinks)
+    if not sinks:
+        out = (*out, sink_k.clone(), sink_v.clone(), sink_pos.clone())
+    return tuple(t.contiguous() for t in out)
 
 
 @ring_window_attention.register_fake
-def _(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale, window):
-    return _out_like(q, v), torch.empty_like(ring_k), torch.empty_like(ring_v), torch.empty_like(ring_pos)
+def _(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, scale, window):
+    return (_out_like(q, v), *(torch.empty_like(t) for t in (ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos)))
 
 
 @_custom_op("ring_hybrid_attention")

@@ -366,21 +366,22 @@ def _dispatch_gla_bwd(do, dht, q, k, v, g, initial_state, scale, chunk_size):
     return dq, dk, dv, dg.to(g.dtype), dh0
 
 
-def _dispatch_window_fwd(q, k, v, scale, window_size):
-    spec = _build(q, k, v, linear=False, window=int(window_size), chunk=16)
+def _dispatch_window_fwd(q, k, v, scale, window_size, sink_tokens=0):
+    # attention sinks are not in the generated kernels yet: the next backend (PyTorch) takes those
+    spec = None if sink_tokens else _build(q, k, v, linear=False, window=int(window_size), chunk=16)
     if spec is None:
         return dispatch.kernels_after("window_attention", "triton", q.device.type).forward(q, k, v, scale,
-                                                                                          window_size)
+                                                                                          window_size, sink_tokens)
     from ..kernels.triton import launch
 
     return launch.forward(spec, q, k, v, q, k, None, None, 1.0, scale)[0]
 
 
-def _dispatch_window_bwd(do, q, k, v, scale, window_size):
-    spec = _build(q, k, v, linear=False, window=int(window_size), chunk=16)
+def _dispatch_window_bwd(do, q, k, v, scale, window_size, sink_tokens=0):
+    spec = None if sink_tokens else _build(q, k, v, linear=False, window=int(window_size), chunk=16)
     if spec is None:
         return dispatch.kernels_after("window_attention", "triton", q.device.type).backward(
-            do, q, k, v, scale, window_size)
+            do, q, k, v, scale, window_size, sink_tokens)
     from ..kernels.triton import launch
 
     _, _, lse = launch.forward(spec, q, k, v, q, k, None, None, 1.0, scale)

@@ -24,13 +24,14 @@ def softmax_attention(q, k, v, attn_mask, *, scale: float, is_causal: bool, soft
     return torch.ops.linearize.attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
 
 
-def window_attention(q, k, v, *, window: int, scale: float, kernels: str = "auto"):
-    """Causal sliding-window softmax attention over the last `window` tokens (inclusive)."""
-    if _triton.use_triton(kernels, q.device):
+def window_attention(q, k, v, *, window: int, scale: float, sinks: int = 0, kernels: str = "auto"):
+    """Causal sliding-window softmax attention over the last `window` tokens (inclusive) and the first `sinks`
+    tokens (attention sinks; the generated Triton kernels do not have them yet, so those run on PyTorch)."""
+    if not sinks and _triton.use_triton(kernels, q.device):
         out = _triton.swa(q, k, v, window=window, scale=scale)
         if out is not None:
             return out
-    return torch.ops.linearize.window_attention(q, k, v, scale, window)
+    return torch.ops.linearize.window_attention(q, k, v, scale, window, sinks)
 
 
 def gla_attention(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, feature_map: str, chunk_size: int,
@@ -77,17 +78,18 @@ def gla_with_state(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, featur
     return o.to(v.dtype), state
 
 
-def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: float, kernels: str = "auto",
-                    **gla_params):
-    """Liger attention: mix[0] * window softmax (RoPE'd q, k) + mix[1] * gated linear (pre-RoPE q, k).
+def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: float, sinks: int = 0,
+                    kernels: str = "auto", **gla_params):
+    """Liger attention: mix[0] * window softmax (RoPE'd q, k; with `sinks` first tokens) + mix[1] * gated linear
+    (pre-RoPE q, k).
 
-    With generated kernels both branches run in one fused Triton kernel (mixed before the store)."""
-    if _triton.use_triton(kernels, v.device):
+    With generated kernels (and no sinks) both branches run in one fused Triton kernel (mixed before the store)."""
+    if not sinks and _triton.use_triton(kernels, v.device):
         out = _triton.liger(q, k, v, q_pre, k_pre, window=window, mix=mix, window_scale=window_scale, **gla_params)
         if out is not None:
             return out
     w_window, w_linear = mix
-    swa = window_attention(q, k, v, window=window, scale=window_scale)
+    swa = window_attention(q, k, v, window=window, scale=window_scale, sinks=sinks)
     gla = gla_attention(q_pre, k_pre, v, **gla_params)
     return w_window * swa + w_linear * gla
 

@@ -30,11 +30,12 @@ def _write(buffers, values) -> None:
         buf.copy_(val)
 
 
-def window_attention_step(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, *, window: int, scale: float,
-                          kernels: str = "auto"):
-    o, *ring = torch.ops.linearize.ring_window_attention(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale,
-                                                          window)
-    _write((ring_k, ring_v, ring_pos), ring)
+def window_attention_step(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, *, window: int,
+                          scale: float, sinks: int = 0, kernels: str = "auto"):
+    """`sinks` is the size of the sink buffers (empty without sinks); the op reads it from them."""
+    buffers = (ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos)
+    o, *new = torch.ops.linearize.ring_window_attention(q, k, v, valid, pos0, *buffers, scale, window)
+    _write(buffers, new)
     return o
 
 
@@ -44,10 +45,12 @@ def gla_attention_step(q_pre, k_pre, v, valid, pos0, state, **gla_params):
     return o
 
 
-def liger_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, ring_pos, state, *, window: int, mix,
-                         window_scale: float, kernels: str = "auto", **gla_params):
+def liger_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
+                         state, *, window: int, mix, window_scale: float, sinks: int = 0, kernels: str = "auto",
+                         **gla_params):
     w_window, w_linear = mix
-    swa = window_attention_step(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, window=window, scale=window_scale)
+    swa = window_attention_step(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
+                                window=window, scale=window_scale, sinks=sinks)
     gla = gla_attention_step(q_pre, k_pre, v, valid, pos0, state, **gla_params)
     return w_window * swa + w_linear * gla
 

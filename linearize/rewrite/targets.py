@@ -22,7 +22,7 @@ from .gates import NONNEGATIVE_FEATURE_MAPS
 
 GLA_DEFAULTS = {"gate": "logsigmoid", "gate_normalizer": 16.0, "feature_map": "softmax", "chunk_size": 64,
                 "normalize": False, "scale": 1.0, "gate_lower_bound": 0.0, "decay": 0.99}
-WINDOW_DEFAULTS = {"window": 64}
+WINDOW_DEFAULTS = {"window": 64, "sinks": 0}  # sinks: the first N tokens stay visible (StreamingLLM)
 _KERNELS = contextvars.ContextVar("linearize_kernels", default="auto")
 
 
@@ -94,6 +94,8 @@ def _coerce(key, val, default):
 def _validate(params: dict) -> None:
     if params.get("window", 1) < 1:
         raise ValueError(f"window: must be at least 1, got {params['window']}")
+    if params.get("sinks", 0) < 0:
+        raise ValueError(f"sinks: must be 0 or more (tokens kept visible from the start), got {params['sinks']}")
     chunk = params.get("chunk_size", 16)
     if chunk < 16 or chunk % 16:
         raise ValueError(f"chunk_size: must be a positive multiple of 16, got {chunk}")
@@ -209,7 +211,7 @@ def _call(graph, site, full, step, args: tuple, kwargs: dict):
 
 def _emit_window(graph, site, params):
     return _call(graph, site, R.window_attention, S.window_attention_step, (site.q, site.k, site.v),
-                 {"window": params["window"], "scale": site.scale, **_kernel_kwargs()})
+                 {"window": params["window"], "sinks": params["sinks"], "scale": site.scale, **_kernel_kwargs()})
 
 
 def _gla_kwargs(params):
@@ -224,8 +226,8 @@ def _emit_gla(graph, site, params):
 
 def _emit_liger(graph, site, params):
     p = site.provenance
-    kwargs = {"window": params["window"], "mix": tuple(params["mix"]), "window_scale": site.scale,
-              **_gla_kwargs(params)}
+    kwargs = {"window": params["window"], "sinks": params["sinks"], "mix": tuple(params["mix"]),
+              "window_scale": site.scale, **_gla_kwargs(params)}
     return _call(graph, site, R.liger_attention, S.liger_attention_step,
                  (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
 
@@ -237,7 +239,8 @@ def _emit_lolcats(graph, site, params):
                  (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
 
 
-_RING = ("ring_k", "ring_v", "ring_pos")  # the last W post-RoPE keys and values, and their positions
+# the last W post-RoPE keys and values, and their positions; then the first `sinks` ones (empty without sinks)
+_RING = ("ring_k", "ring_v", "ring_pos", "sink_k", "sink_v", "sink_pos")
 _GLA_CHOICES = {"gate": tuple(R.GATES), "feature_map": tuple(R.FEATURE_MAPS)}
 # one normaliser over both parts: the feature products must be weights (>= 0), like exp(score)
 _LOLCATS_CHOICES = {"feature_map": NONNEGATIVE_FEATURE_MAPS}
@@ -249,7 +252,9 @@ TARGETS = {
     "gla": Target("gla", dict(GLA_DEFAULTS), _check_linear, _emit_gla, _GLA_CHOICES, state_buffers=("state",)),
     "liger": Target("liger", {**WINDOW_DEFAULTS, **GLA_DEFAULTS, "mix": [0.5, 0.5]}, _check_liger, _emit_liger,
                     _GLA_CHOICES, state_buffers=(*_RING, "state")),
-    "lolcats": Target("lolcats", {**WINDOW_DEFAULTS, "feature_map": "softmax"}, _check_linear, _emit_lolcats,
-                      _LOLCATS_CHOICES, state_buffers=(*_RING, "ring_fk", "state", "norm")),
+    # no sinks yet: the shared normaliser's kernels (hybrid.py, ring.py) do not take them
+    "lolcats": Target("lolcats", {"window": WINDOW_DEFAULTS["window"], "feature_map": "softmax"}, _check_linear,
+                      _emit_lolcats, _LOLCATS_CHOICES,
+                      state_buffers=("ring_k", "ring_v", "ring_pos", "ring_fk", "state", "norm")),
 }
 STATEFUL = tuple(name for name, t in TARGETS.items() if t.state_buffers)
