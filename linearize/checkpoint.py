@@ -222,6 +222,8 @@ def from_pretrained(path, *, dtype: Optional[torch.dtype] = None, device=None, *
     dtype = dtype or getattr(torch, section.get("dtype", "float32"))
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # before loading: a tied pair is stored once, under either name
     _load_weights(model, path / section["weights"])
     model.to(dtype=dtype, device=device).eval()
     lora = section.get("lora") or {}

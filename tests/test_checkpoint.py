@@ -102,6 +102,20 @@ def test_lora_model_reloads_merged_or_unmerged(tmp_path, lora):
     assert (out - ref).abs().max().item() <= 1e-5  # merging reorders float sums; unmerged is the same graph
 
 
+def test_tied_embeddings_are_stored_once_and_reloaded_tied(tmp_path):
+    model = linearize.convert(tiny_model("llama", tie_word_embeddings=True), rules="swa", inner="eager")
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    save_pretrained(model, tmp_path / "ck")
+    assert not {"lm_head.weight", "model.embed_tokens.weight"} <= set(load_file(str(tmp_path / "ck" /
+                                                                                  "linearize.safetensors")))
+    loaded = from_pretrained(tmp_path / "ck", inner="eager")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, use_cache=False).logits, ref)
+
+
 def test_show_lists_base_rules_adapters_and_versions(tmp_path):
     model = linearize.convert(tiny_model("llama", num_hidden_layers=8), rules="liger-hybrid", inner="eager")
     save_pretrained(model, tmp_path / "ck")
