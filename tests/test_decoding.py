@@ -91,6 +91,30 @@ def test_small_window_chunked_prefill(rewrite, tmp_path):
     assert (out - ref).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("rewrite,window,sinks", [("swa", 5, 3), ("liger", 8, 4)])
+def test_sinks_decode_equals_full_recompute_with_constant_cache(rewrite, window, sinks, tmp_path):
+    """Attention sinks: decoding (a chunked prefill, then single steps) gives the full forward, the sink keys sit
+    beside the ring (constant bytes), and they change the result (so the test would see them ignored)."""
+    def rules(n):
+        path = tmp_path / f"{rewrite}-{n}.yaml"
+        path.write_text(f"name: {rewrite}-sinks-{n}\nrules:\n  - rewrite: {rewrite}\n"
+                        f"    with: {{window: {window}, sinks: {n}}}\n")
+        return str(path)
+
+    ids = _ids(2, 40, seed=4)
+    ref = _full_logits("llama", rules(sinks), ids)
+    model = _converted("llama", rules(sinks))
+    cache = StateCache(model, batch_size=2, max_length=48)
+    before = cache.nbytes()
+    out = decode_logits(model, ids, cache, prompt_len=17, chunk_size=6)
+    assert (out - ref).abs().max().item() <= TOL
+    assert cache.nbytes() == before
+    Hkv, D, L = 2, 16, 2  # the sink buffers: keys, values, positions
+    plain = StateCache(_converted("llama", rules(0)), batch_size=2, max_length=48).nbytes()
+    assert before - plain == L * (2 * 2 * Hkv * sinks * D * 4 + 2 * sinks * 8)
+    assert (ref - _full_logits("llama", rules(0), ids)).abs().max().item() > 1e-3
+
+
 def _row_alone_and_padded(rules, pad=6):
     """Row 0 is a shorter text, left-padded; row 1 is full length."""
     ids = _ids(2, 30, seed=3)
