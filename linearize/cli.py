@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .options import DEFAULT_RULES
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="linearize", description=__doc__)
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
 
     save = sub.add_parser("save", help="convert a model and write it as a checkpoint folder (no training)")
     save.add_argument("--model", default="smollm2", help="smollm2, tiny-llama|mistral|qwen2, or a model folder")
-    save.add_argument("--rules", default="liger", help="built-in rule set name or YAML file (default: liger)")
+    save.add_argument("--rules", default=DEFAULT_RULES, help=f"rule set name or YAML file (default: {DEFAULT_RULES})")
     save.add_argument("--out", required=True, help="the folder to write")
     save.add_argument("--lora", default="merge", choices=("merge", "adapter"),
                       help="for a peft model: fold the adapters in, or keep a peft adapter folder")

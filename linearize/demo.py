@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from .data import english_text_source, english_token_ids, perplexity
+from .options import DEFAULT_RULES
 
 __all__ = ["run_demo", "time_forward", "compile_linearized", "require_backend"]
 
@@ -64,7 +65,7 @@ def require_backend():
 
 def compile_linearized(model, rules: str):
     """``torch.compile(model, backend="linearize", options={"rules": rules}, dynamic=False)``."""
-    if rules == "liger":  # the default rule set: the backend name alone is enough
+    if rules == DEFAULT_RULES:  # the default rule set: the backend name alone is enough
         return torch.compile(model, backend=BACKEND, dynamic=False)
     return torch.compile(model, backend=BACKEND, options={"rules": rules}, dynamic=False)
 

@@ -172,17 +172,19 @@ class Report:
         return str(path)
 
 
-def explain(model, *args, rules="liger", numerics: bool = False, debug_dir: Optional[str] = None,
+def explain(model, *args, rules=None, numerics: bool = False, debug_dir: Optional[str] = None,
             **kwargs) -> Report:
     """Capture `model(*args, **kwargs)` with Dynamo, run linearize's passes, return what they found and decided.
 
     `numerics=True` also measures each rewritten site against the original on this input, and the model's output
     (logits, perplexity on the example tokens) against an eager run of the unmodified model. `debug_dir` writes the
     graph after each pass there (as `options={"debug_dir": ...}` does)."""
+    from .options import DEFAULT_RULES
     from .passes import DEFAULT_PIPELINE
     from .report.capture import Capture, Recorder, collect_graph_breaks
     from .report.views import attention_frames, describe_inputs
 
+    rules = DEFAULT_RULES if rules is None else rules
     report = Report(rules=str(getattr(rules, "name", rules)), model=type(model).__name__,
                     inputs=describe_inputs(args, kwargs))
     last_stage = DEFAULT_PIPELINE[-1].name

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+# The rule set used when none is given, chosen by zero-shot measurement (docs/rule-files.md, "Choosing the default")
+DEFAULT_RULES = "liger-sinks"
 KERNEL_CHOICES = ("auto", "triton", "reference")
 
 
 @dataclass
 class Options:
-    rules: Any = "liger"  # built-in rule-set name, path to a YAML file, or a RuleSet
+    rules: Any = DEFAULT_RULES  # built-in rule-set name, path to a YAML file, or a RuleSet
     inner: str = "inductor"  # what compiles the rewritten graph; "eager" runs it as is (for debugging)
     # attention kernels of the rewritten sites: "auto" (generated Triton on CUDA, PyTorch reference elsewhere),
     # "triton" (generated kernels everywhere; on CPU through TRITON_INTERPRET=1), "reference"

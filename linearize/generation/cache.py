@@ -102,7 +102,8 @@ class KVLayer(StaticLayer):
 class StateCache(Cache):
     """Decoding cache for a model converted by linearize: `model.generate(ids, past_key_values=StateCache(model))`.
 
-    rules: the rule set the model was compiled with (default: the one `linearize.convert` recorded, else "liger");
+    rules: the rule set the model was compiled with (default: the one `linearize.convert` recorded, else the
+    default rule set);
     a different one raises here, and a cache built for other rules raises when the backend binds it.
     batch_size: rows generated at once (after any expansion for sampling several sequences).
     max_length: token capacity (prompt + generated); defaults to the model's position limit
@@ -152,7 +153,9 @@ class StateCache(Cache):
 def _resolve_rules(model, rules):
     recorded = getattr(model, "_linearize_rules", None)
     if rules is None:
-        return recorded if recorded is not None else "liger"
+        from ..options import DEFAULT_RULES
+
+        return recorded if recorded is not None else DEFAULT_RULES
     if recorded is not None and str(rules) != str(recorded):
         raise ValueError(f"linearize StateCache: the model was converted with rules={recorded!r}, but the cache is "
                          f"asked for rules={rules!r}; a cache must hold the state of the rewrite the model runs. "

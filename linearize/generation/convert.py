@@ -8,10 +8,11 @@ so `model(...)` and `model.generate(...)` both run the rewritten graphs. The rul
 from __future__ import annotations
 
 
-def convert(model, rules="liger", **options):
+def convert(model, rules=None, **options):
     """Compile `model` in place with backend="linearize" and `options` (see linearize/options.py); returns it."""
-    from ..options import Options
+    from ..options import DEFAULT_RULES, Options
 
+    rules = DEFAULT_RULES if rules is None else rules
     Options.from_dict({"rules": rules, **options})  # unknown options fail here, not at the first call
     model.compile(backend="linearize", options={"rules": rules, **options})
     model._linearize_rules = rules

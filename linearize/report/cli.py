@@ -10,12 +10,14 @@ from __future__ import annotations
 import sys
 import time
 
+from ..options import DEFAULT_RULES
+
 def add_parser(sub) -> None:
     p = sub.add_parser("explain", help="show every attention site, near-miss and graph break; write an HTML report",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2",
                    help="smollm2, tiny-llama|mistral|qwen2, or a model folder (default: smollm2)")
-    p.add_argument("--rules", default="liger", help="built-in rule set name or YAML file (default: liger)")
+    p.add_argument("--rules", default=DEFAULT_RULES, help=f"built-in rule set name or YAML file (default: {DEFAULT_RULES})")
     p.add_argument("--tokens", type=int, default=128, help="example input length in tokens (default: 128)")
     p.add_argument("--text", default=None, help="example input text (default: English prose shipped with Python)")
     p.add_argument("--numerics", action="store_true",

@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
 
+from ..options import DEFAULT_RULES
 from . import selectors, shape_expr
 from .diagnostics import Mark, RuleError, RuleWarning, joined, suggest
 from .gates import GATE_PARAMS
@@ -59,7 +60,7 @@ ANY_PATTERN = "attention"
 LEARNABLE_MIX = ("`mix: learnable` is not supported: a backend rewrites one captured graph at a time, and a "
                  "parameter it created would not be in model.parameters() or the state_dict, would be invisible to "
                  "the optimizer, and would be created anew at every recompile")
-DEFAULT = "liger"
+DEFAULT = DEFAULT_RULES
 _GATE_SPECIFIC = {p for params in GATE_PARAMS.values() for p in params}
 
 
