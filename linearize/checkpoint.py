@@ -392,7 +392,7 @@ def native_layer_types(decisions: list, config) -> tuple[list, Optional[int]]:
             types.append(original[i])
             if original[i] == "sliding_attention":
                 windows.add(int(config.sliding_window))
-        elif d["rewrite"] == "swa" and set(d["params"]) <= {"window"}:
+        elif d["rewrite"] == "swa" and not d["params"].get("sinks"):  # configs have no attention-sink tokens
             windows.add(int(d["params"]["window"]))
             types.append("sliding_attention")
         else:

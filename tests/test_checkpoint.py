@@ -237,6 +237,9 @@ def test_native_export_loads_in_plain_transformers_with_linearizes_logits(tmp_pa
 def test_native_export_refuses_what_configs_cannot_say(tmp_path):
     with pytest.raises(CheckpointError, match="layer 0 is rewritten as liger .* express only sliding-window"):
         export_native(tiny_model("llama"), tmp_path / "a", rules="liger")
+    sinks = _rules_file(tmp_path, "rules:\n  - rewrite: swa\n    with: {window: 8, sinks: 4}\n")
+    with pytest.raises(CheckpointError, match=r"layer 0 is rewritten as swa \{'window': 8, 'sinks': 4\}"):
+        export_native(tiny_model("qwen2"), tmp_path / "s", rules=sinks)
     with pytest.raises(CheckpointError, match="attention or MLP biases"):
         export_native(tiny_model("llama", attention_bias=True), tmp_path / "b", rules="swa")
     two = _rules_file(tmp_path, "rules:\n  - where: {layers: '0'}\n    rewrite: swa\n    with: {window: 8}\n"
@@ -248,4 +251,4 @@ def test_native_export_refuses_what_configs_cannot_say(tmp_path):
                                   "  - rewrite: swa\n    with: {window: 16}\n")
     with pytest.raises(CheckpointError, match=r"windows \[16, 4096\] differ .* own sliding layers"):
         export_native(tiny_model("mistral"), tmp_path / "d", rules=mixed)
-    assert not any(pathlib.Path(tmp_path, d).exists() for d in "abcd")
+    assert not any(pathlib.Path(tmp_path, d).exists() for d in "abcds")
