@@ -100,6 +100,12 @@ def test_lora_model_reloads_merged_or_unmerged(tmp_path, lora):
     with torch.no_grad():
         out = loaded(input_ids=ids, use_cache=False).logits
     assert (out - ref).abs().max().item() <= 1e-5  # merging reorders float sums; unmerged is the same graph
+    # generation reaches the compiled model through peft's wrapper too, and decodes like the original
+    want = model.generate(input_ids=ids[:, :12], past_key_values=linearize.StateCache(model, max_length=32),
+                          max_new_tokens=6, do_sample=False)
+    got = loaded.generate(input_ids=ids[:, :12], past_key_values=linearize.StateCache(loaded, max_length=32),
+                          max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
 
 
 def test_tied_embeddings_are_stored_once_and_reloaded_tied(tmp_path):

@@ -14,15 +14,24 @@ def convert(model, rules=None, **options):
 
     rules = DEFAULT_RULES if rules is None else rules
     Options.from_dict({"rules": rules, **options})  # unknown options fail here, not at the first call
-    model.compile(backend="linearize", options={"rules": rules, **options})
-    model._linearize_rules = rules
-    model.__dict__.pop("_linearize_plans", None)
+    for m in _layers(model):
+        m.compile(backend="linearize", options={"rules": rules, **options})
+        m._linearize_rules = rules
+        m.__dict__.pop("_linearize_plans", None)
     return model
 
 
 def revert(model):
     """Undo `convert`: the model runs its original forward again (no compiled graphs, no recorded rules)."""
-    model._compiled_call_impl = None
-    for attr in ("_linearize_rules", "_linearize_plans"):
-        model.__dict__.pop(attr, None)
+    for m in _layers(model):
+        m._compiled_call_impl = None
+        for attr in ("_linearize_rules", "_linearize_plans"):
+            m.__dict__.pop(attr, None)
     return model
+
+
+def _layers(model) -> list:
+    """What to compile: the model, and for a peft wrapper the transformers model inside it (its LoRA layers
+    included), whose own call `generate` reaches without going through the wrapper's."""
+    inner = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else None
+    return [model] if inner is None or inner is model else [inner, model]
