@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from .generation.convert import peft_base
+
 FORMAT = "linearize-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "linearize.safetensors"
@@ -117,7 +119,7 @@ def _empty_folder(out, overwrite: bool) -> pathlib.Path:
 
 def _recorded_rules(model, required: bool = True):
     """The rules `linearize.convert` recorded on the model (or its peft base); None, or an error if `required`."""
-    for m in (model, getattr(model, "base_model", None), _peft_base(model)):
+    for m in (model, getattr(model, "base_model", None), peft_base(model)):
         rules = getattr(m, "_linearize_rules", None) if m is not None else None
         if rules is not None:
             return rules
@@ -128,11 +130,7 @@ def _recorded_rules(model, required: bool = True):
 
 
 def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def _peft_base(model):
-    return model.get_base_model() if _is_peft(model) else None
+    return peft_base(model) is not None
 
 
 def _split_lora(model, lora: str):

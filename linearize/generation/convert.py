@@ -30,8 +30,13 @@ def revert(model):
     return model
 
 
+def peft_base(model):
+    """The transformers model inside a peft wrapper (its LoRA layers included), or None for any other model."""
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else None
+
+
 def _layers(model) -> list:
-    """What to compile: the model, and for a peft wrapper the transformers model inside it (its LoRA layers
-    included), whose own call `generate` reaches without going through the wrapper's."""
-    inner = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else None
+    """What to compile: the model, and for a peft wrapper also the model inside it, whose own call `generate`
+    reaches without going through the wrapper's."""
+    inner = peft_base(model)
     return [model] if inner is None or inner is model else [inner, model]
