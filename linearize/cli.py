@@ -1,5 +1,6 @@
 """`linearize` command line: `linearize demo`, `linearize rules list|show NAME|check FILE`, `linearize explain`,
-`linearize save --model M --rules R --out DIR`, `linearize show DIR`, `linearize kernels emit --rules NAME --out DIR`."""
+`linearize save --model M --rules R --out DIR`, `linearize show DIR`, `linearize eval`, `linearize recover`,
+`linearize kernels emit --rules NAME --out DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,26 @@ def main(argv=None) -> int:
     ev.add_argument("--no-original", action="store_true", help="skip the unconverted model's row")
     ev.add_argument("--out", default="eval", help="folder for eval.json, eval.md and the plots")
 
+    rec = sub.add_parser("recover", help="train a converted model back to quality: attention transfer, then LoRA")
+    rec.add_argument("--model", default="smollm2", help="smollm2, tiny-llama|mistral|qwen2, or a model folder")
+    rec.add_argument("--rules", default=DEFAULT_RULES, help=f"rule set name or YAML file (default: {DEFAULT_RULES})")
+    rec.add_argument("--data", default=None, help="folder, .txt or .jsonl file (default: the offline corpus, "
+                     "Python's documentation without the evaluation chapters)")
+    rec.add_argument("--tokens", default="2M", help="training tokens over all stages, e.g. 300k, 2M")
+    rec.add_argument("--stages", default="transfer,lora", help="transfer, lora, or both in order")
+    rec.add_argument("--seq-len", type=int, default=512)
+    rec.add_argument("--batch-size", type=int, default=1, help="sequences per step, over all processes")
+    rec.add_argument("--lr", type=float, default=1e-3)
+    rec.add_argument("--lora-r", type=int, default=8)
+    rec.add_argument("--lora-alpha", type=int, default=16)
+    rec.add_argument("--lora-targets", default="q_proj,k_proj,v_proj", help="modules the lora stage adapts")
+    rec.add_argument("--transfer-targets", default="q_proj,k_proj", help="modules the transfer stage adapts")
+    rec.add_argument("--kl", type=float, default=0.0, help="weight of KL(teacher || student) in the lora stage")
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between saved states")
+    rec.add_argument("--out", required=True, help="folder: checkpoint, recover.json/.md/.png, resumable state")
+    rec.add_argument("--no-resume", action="store_true", help="refuse to continue a run found in --out")
+
     from .report.cli import add_parser as add_explain_parser
 
     add_explain_parser(sub)
@@ -78,6 +99,8 @@ def main(argv=None) -> int:
         return _checkpoint(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "recover":
+        return _recover(args)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -118,6 +141,43 @@ def _eval(args) -> int:
     Console().print(table)
     print(f"long document: {result['document']}; wrote {', '.join(result['files'])}")
     return 0
+
+
+def _recover(args) -> int:
+    from .data import CorpusError
+    from .models import load
+    from .recover import RecoverError, markdown, recover
+    from .rewrite import rules as R
+
+    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
+    try:
+        model, tok = load(args.model)
+        recover(model, rules=args.rules, data=args.data, tokens=parse_count(args.tokens), stages=split(args.stages),
+                out=args.out, tokenizer=tok, resume=not args.no_resume, seq_len=args.seq_len,
+                batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                lora_targets=split(args.lora_targets), transfer_targets=split(args.transfer_targets), kl=args.kl,
+                seed=args.seed, checkpoint_every=args.checkpoint_every)
+    except (RecoverError, CorpusError, R.RuleError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import json
+    import pathlib
+
+    result = json.loads((pathlib.Path(args.out) / "recover.json").read_text())
+    print(markdown(result))
+    print(f"trained {result['seconds'] / 60:.1f} min; wrote {args.out} (a checkpoint: linearize eval --model "
+          f"{args.out}), recover.md, recover.png")
+    return 0
+
+
+def parse_count(text: str) -> int:
+    """'300k', '2M', '1500' -> a token count (k = 1000, M = 1,000,000)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", str(text))
+    if not m:
+        raise SystemExit(f"error: --tokens {text!r}: write a count such as 300k or 2M")
+    return int(float(m.group(1)) * {"": 1, "k": 1000, "m": 1_000_000}[m.group(2).lower()])
 
 
 def _checkpoint(args) -> int:

@@ -1,4 +1,4 @@
-"""Evaluation text and perplexity.
+"""Text for linearize: evaluation text, perplexity, and the training corpora `linearize recover` packs.
 
 The text is CPython's own ``LICENSE.txt``: about 14 KB (roughly 3,000 SmolLM2 tokens) of real
 English prose -- the history of Python (CWI, CNRI, BeOpen, Zope, the PSF) followed by the licence
@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 __all__ = ["english_text", "english_text_source", "english_token_ids", "perplexity", "nll_per_token",
-           "long_document", "LONG_DOCUMENT_SOURCE", "training_texts"]
+           "long_document", "LONG_DOCUMENT_SOURCE", "training_texts", "read_corpus", "pack", "encode", "CorpusError",
+           "DEFAULT_CORPUS"]
 
 
 def _python_license_candidates() -> Iterable[pathlib.Path]:
@@ -282,3 +283,99 @@ def perplexity(
     if count == 0:
         raise ValueError("perplexity: no token was scored")
     return math.exp(total / count)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training corpora for `linearize recover`: read, tokenize, pack
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_CORPUS = ("Python's own documentation (pydoc_data.topics) without the Language Reference chapters that "
+                  "`long_document` evaluates on; CPython's LICENSE (the short-context evaluation text) is not in it")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+
+
+class CorpusError(ValueError):
+    """A training corpus that cannot be used; the message names the source and what to change."""
+
+
+def read_corpus(source: Any = None) -> tuple[list, str]:
+    """``(texts, description)`` for a training corpus.
+
+    ``source``: ``None`` (the offline default, :data:`DEFAULT_CORPUS`: it ships with every Python, so recovery
+    needs no download, and it is disjoint from both evaluation texts); a folder (every ``.txt``/``.md``/``.rst``
+    and ``.jsonl`` file under it, in name order); one such file; a ``.jsonl`` file (each line an object with a
+    ``"text"`` field); a list of strings; or a Hugging Face ``datasets`` object with a ``"text"`` column."""
+    if source is None:
+        return training_texts(), DEFAULT_CORPUS
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(t, str) for t in source):
+            raise CorpusError("corpus: a list must hold strings (documents)")
+        return [t for t in source if t.strip()], f"{len(source)} texts given in memory"
+    if hasattr(source, "column_names") or type(source).__module__.startswith("datasets"):
+        cols = getattr(source, "column_names", None) or []
+        if "text" not in cols:
+            raise CorpusError(f"corpus: the dataset has columns {cols}; a 'text' column is needed "
+                              "(dataset.rename_column(old, 'text'))")
+        return [row["text"] for row in source if row["text"] and row["text"].strip()], \
+            f"datasets object ({type(source).__name__}, {len(cols)} columns)"
+    path = pathlib.Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl"))
+        if not files:
+            raise CorpusError(f"corpus {path}: no {', '.join(TEXT_SUFFIXES)} or .jsonl file under this folder")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise CorpusError(f"corpus {source!r}: no such file or folder")
+    texts: list = []
+    for f in files:
+        texts += _read_jsonl(f) if f.suffix.lower() == ".jsonl" else [f.read_text(encoding="utf-8", errors="replace")]
+    return [t for t in texts if t.strip()], f"{path} ({len(files)} file{'s' if len(files) != 1 else ''})"
+
+
+def _read_jsonl(path: pathlib.Path) -> list:
+    import json
+
+    texts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{path}:{lineno}: not JSON ({exc.msg}); each line must be an object like "
+                              '{"text": "..."}') from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise CorpusError(f'{path}:{lineno}: each line must be an object with a string "text" field')
+        texts.append(row["text"])
+    return texts
+
+
+def encode(text: str, tokenizer, vocab_size: int | None = None) -> list:
+    """Token ids of ``text``. Models without a tokenizer (the tiny test models) read UTF-8 bytes modulo their
+    vocabulary, so the whole pipeline runs on them too."""
+    if tokenizer is not None:
+        return tokenizer(text, add_special_tokens=False).input_ids
+    if not vocab_size:
+        raise CorpusError("corpus: a model without a tokenizer needs vocab_size to read text as bytes")
+    return [b % vocab_size for b in text.encode("utf-8")]
+
+
+def pack(texts: list, tokenizer, seq_len: int, vocab_size: int | None = None, min_sequences: int = 1,
+         source: str = "corpus") -> torch.Tensor:
+    """Tokenize ``texts`` and pack them into rows of ``seq_len`` tokens, shape ``(N, seq_len)``.
+
+    Documents are joined by the tokenizer's EOS token (or a blank line's ids), and the tail that does not fill a row
+    is dropped, so every row is full and no padding is trained on."""
+    if seq_len < 2:
+        raise CorpusError(f"{source}: seq_len must be at least 2, got {seq_len}")
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    sep = [eos] if eos is not None else encode("\n\n", tokenizer, vocab_size)
+    ids: list = []
+    for text in texts:
+        ids += encode(text, tokenizer, vocab_size) + sep
+    n = len(ids) // seq_len
+    if n < min_sequences:
+        raise CorpusError(f"{source}: {len(ids)} tokens make {n} sequence(s) of {seq_len}; at least {min_sequences} "
+                          "needed. Give more text, or a shorter seq_len")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
