@@ -6,6 +6,7 @@
     linearize.convert(model, rules="liger")                                 # in place: generate() uses it too
     model.generate(ids, past_key_values=linearize.StateCache(model))         # constant-memory decoding
     linearize.save_pretrained(model, "out/"); linearize.from_pretrained("out/")   # checkpoints (checkpoint.py)
+    student = linearize.recover(model, rules="liger", tokens=2_000_000, out="out/")  # training back to quality
 
 Data flow: Dynamo graph -> `passes` (using `patterns` and `rewrite`) -> rewritten graph -> `lowering` ops -> `kernels`.
 """
@@ -15,7 +16,7 @@ from .rewrite import RuleError, available as available_rules
 
 __version__ = "0.1.0"
 __all__ = ["linearize_backend", "explain", "Report", "RuleError", "available_rules", "convert", "StateCache",
-           "save_pretrained", "from_pretrained"]
+           "save_pretrained", "from_pretrained", "recover"]
 
 
 def __getattr__(name):  # generation and checkpoints import transformers: load them on first use
@@ -27,4 +28,8 @@ def __getattr__(name):  # generation and checkpoints import transformers: load t
         from . import checkpoint
 
         return getattr(checkpoint, name)
+    if name == "recover":
+        from .recover import recover
+
+        return recover
     raise AttributeError(f"module 'linearize' has no attribute {name!r}")

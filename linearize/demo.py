@@ -30,11 +30,92 @@ import torch
 from .data import english_text_source, english_token_ids, perplexity
 from .options import DEFAULT_RULES
 
-__all__ = ["run_demo", "time_forward", "compile_linearized", "require_backend"]
+__all__ = ["run_tour", "run_demo", "time_forward", "compile_linearized", "require_backend"]
 
 BACKEND = "linearize"
 PREFILL_KWARGS = {"use_cache": False, "logits_to_keep": 1}
 SCORE_KWARGS = {"use_cache": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# the default tour: original vs converted zero-shot vs recovered, a few minutes, 80 columns
+# ----------------------------------------------------------------------------------------------
+
+
+def run_tour(new_tokens: int = 24, ppl_tokens: int = 512, width: int = 80, echo=print) -> dict:
+    """`linearize demo`: SmolLM2 as loaded, converted with the default rules (no training), and converted with the
+    recovered adapter that ships with linearize (`linearize/recovered/`). For each: perplexity on the first
+    `ppl_tokens` of CPython's LICENSE (held out of training), the cache after a greedy continuation (a growing
+    DynamicCache vs a constant StateCache), whether token-by-token decoding equals one full forward, and the
+    continuation itself. One line per step as it goes, so a log shows progress too; nothing wider than `width`."""
+    import textwrap
+
+    from transformers import DynamicCache
+
+    from .generation import StateCache, convert, decode_logits
+    from .models import load_smollm2
+    from .recover import shipped_adapter
+
+    start = time.perf_counter()
+    say = lambda text: echo(f"[{time.perf_counter() - start:5.0f} s] {text}", flush=True)  # noqa: E731
+    say("loading SmolLM2-135M-Instruct (GGUF, offline) ...")
+    base, tok = load_smollm2()
+    ids = english_token_ids(tok)
+    ppl_ids, prompt = ids[:, :ppl_tokens], ids[:, :96]
+    from peft import PeftModel
+
+    folder, meta = shipped_adapter(DEFAULT_RULES)
+    model = PeftModel.from_pretrained(base, str(folder))  # adapters on the shared weights, no copy
+    rows: dict[str, dict] = {}
+
+    def measure(name: str, converted: bool):
+        say(f"{name}: perplexity on {ppl_ids.shape[1]} tokens of {english_text_source().name} ...")
+        ppl = perplexity(model, ppl_ids, window=ppl_ids.shape[1])
+        say(f"{name}: {new_tokens} greedy tokens ...")
+        cache = StateCache(model, max_length=prompt.shape[1] + new_tokens) if converted \
+            else DynamicCache(config=base.config)
+        with torch.no_grad():
+            gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                                 max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id or 0)
+        nbytes = cache.nbytes() if converted else sum(
+            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        diff = None
+        if converted:
+            inner = model.get_base_model()  # what generate runs: the compiled transformers model, adapters inside
+            with torch.no_grad():
+                full = inner(input_ids=gen, use_cache=False).logits
+            stepped = decode_logits(inner, gen, StateCache(model, max_length=gen.shape[1]), prompt.shape[1])
+            diff = (stepped - full).abs().max().item()
+        rows[name] = {"ppl": ppl, "cache_bytes": nbytes, "grows": not converted, "decode_vs_full": diff,
+                      "text": tok.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True)}
+
+    with model.disable_adapter():
+        measure("original", converted=False)
+        say(f"converting with rules={DEFAULT_RULES!r} (linearize.convert, inner='eager') ...")
+        convert(model, rules=DEFAULT_RULES, inner="eager")
+        measure("zero-shot", converted=True)
+    measure("recovered", converted=True)
+
+    line = "-" * width
+    echo(line)
+    echo(textwrap.fill(f"SmolLM2-135M, rules {DEFAULT_RULES!r}; recovered = LoRA r={meta['lora_r']} after "
+                       f"{meta['tokens'] // 1000}k tokens of `linearize recover` ({meta['corpus_short']})", width))
+    echo(f"{'model':<11}{'perplexity':>11}{'x orig':>8}{'cache':>12}  {'decode = full forward':<22}")
+    orig = rows["original"]["ppl"]
+    for name, r in rows.items():
+        cache = f"{r['cache_bytes'] / 2**20:.2f} MiB" + ("+" if r["grows"] else "")
+        same = "-" if r["decode_vs_full"] is None else f"yes ({r['decode_vs_full']:.0e})"
+        echo(f"{name:<11}{r['ppl']:>11.2f}{r['ppl'] / orig:>8.2f}{cache:>12}  {same:<22}")
+    echo("cache: after the prompt and continuation; + = grows with every token (a StateCache does not)")
+    echo(line)
+    echo(textwrap.fill(f"prompt (last 24 of {prompt.shape[1]} tokens): {tok.decode(prompt[0, -24:])!r}", width))
+    for name, r in rows.items():
+        echo(textwrap.fill(repr(r["text"]), width=width, initial_indent=f"{name + ':':<11}",
+                           subsequent_indent=" " * 11))
+    echo(line)
+    echo(textwrap.fill(f"{time.perf_counter() - start:.0f} s. More: linearize demo --full (sites, exactness, speed; "
+                       "~11 min), linearize eval, linearize recover", width))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -340,10 +340,31 @@ class Run:
         self.table = state["table"]
 
 
+# ------------------------------------------------------------------------------------------------ shipped adapters
+SHIPPED = pathlib.Path(__file__).with_name("recovered")
+
+
+def shipped_adapter(rules: str, model: str = "smollm2") -> tuple:
+    """(peft adapter folder, its record) of a recovery that ships with linearize (`linearize/recovered/`), so the
+    demo shows a recovered model without training. The record must name the same rules: an adapter trained under
+    other rules would run, and be wrong, under these."""
+    folder = SHIPPED / f"{model}-{rules}"
+    if not (folder / "recovered.json").is_file():
+        have = sorted(p.name for p in SHIPPED.iterdir() if p.is_dir()) if SHIPPED.is_dir() else []
+        raise RecoverError(f"no recovered adapter ships for {model} under rules {rules!r} (shipped: {have}); train "
+                           f"one with: linearize recover --model {model} --rules {rules} --out DIR")
+    meta = json.loads((folder / "recovered.json").read_text())
+    if meta.get("rules") != rules or meta.get("model") != model:
+        raise RecoverError(f"{folder}: records model {meta.get('model')!r}, rules {meta.get('rules')!r}, not "
+                           f"{model!r}, {rules!r}")
+    return folder, meta
+
+
 # ------------------------------------------------------------------------------------------------ losses
 def transfer_loss(student: dict, teacher: dict) -> torch.Tensor:
-    """Mean over sites of ||student - teacher||^2 / ||teacher||^2: per-layer output scales differ by orders of
-    magnitude in real models, and an unnormalised sum would train the loudest layers only."""
+    """Mean over sites and sequences of ||student - teacher||^2 / ||teacher||^2: per-layer output scales differ by
+    orders of magnitude in real models, and an unnormalised sum would train the loudest layers only. Normalised per
+    sequence, so the mean over a batch is the mean of the means over its shards (data parallel = one process)."""
     if not student or set(student) != set(teacher):
         raise RecoverError("transfer: the attention outputs of the student and the teacher differ in sites; the "
                            "rewrite did not run where the rule set said (linearize.explain shows the sites)")
@@ -351,7 +372,9 @@ def transfer_loss(student: dict, teacher: dict) -> torch.Tensor:
 
 
 def _rel_mse(a, b) -> torch.Tensor:
-    return (a.float() - b.float()).pow(2).mean() / b.float().pow(2).mean().clamp_min(1e-12)
+    """Per sequence (dim 0), then averaged."""
+    a, b = a.float().flatten(1), b.float().flatten(1)
+    return ((a - b).pow(2).mean(1) / b.pow(2).mean(1).clamp_min(1e-12)).mean()
 
 
 def logit_kl(student_logits, teacher_logits) -> torch.Tensor:
