@@ -28,12 +28,12 @@ import os
 import pathlib
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from .data import CorpusError, pack, read_corpus
+from .data import pack, read_corpus
 from .options import DEFAULT_RULES
 
 STAGES = ("transfer", "lora")
@@ -269,7 +269,7 @@ class Run:
             return self.base.forward(input_ids=ids, **kw)
 
     def _ppl(self, call, length: int) -> float:
-        from .data import english_token_ids, perplexity
+        from .data import perplexity
 
         ids = self._held_out_ids(length)
         stride = None if length <= 512 else length // 2
