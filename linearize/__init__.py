@@ -7,6 +7,7 @@
     model.generate(ids, past_key_values=linearize.StateCache(model))         # constant-memory decoding
     linearize.save_pretrained(model, "out/"); linearize.from_pretrained("out/")   # checkpoints (checkpoint.py)
     student = linearize.recover(model, rules="liger", tokens=2_000_000, out="out/")  # training back to quality
+    linearize.plan(model, rules="liger-sinks", budget=0.25, tokenizer=tok).write("plan.yaml")  # measured hybrid
 
 Data flow: Dynamo graph -> `passes` (using `patterns` and `rewrite`) -> rewritten graph -> `lowering` ops -> `kernels`.
 """
@@ -16,7 +17,7 @@ from .rewrite import RuleError, available as available_rules
 
 __version__ = "0.1.0"
 __all__ = ["linearize_backend", "explain", "Report", "RuleError", "available_rules", "convert", "StateCache",
-           "save_pretrained", "from_pretrained", "recover"]
+           "save_pretrained", "from_pretrained", "recover", "plan"]
 
 
 def __getattr__(name):  # generation and checkpoints import transformers: load them on first use
@@ -29,7 +30,11 @@ def __getattr__(name):  # generation and checkpoints import transformers: load t
 
         return getattr(checkpoint, name)
     if name == "recover":
-        from .recover import recover
+        from .recovery import recover
 
         return recover
+    if name == "plan":
+        from .planning import plan
+
+        return plan
     raise AttributeError(f"module 'linearize' has no attribute {name!r}")

@@ -1,5 +1,6 @@
 """`linearize` command line: `linearize demo`, `linearize rules list|show NAME|check FILE`, `linearize explain`,
 `linearize save --model M --rules R --out DIR`, `linearize show DIR`, `linearize eval`, `linearize recover`,
+`linearize plan --budget 0.25 --out plan.yaml`,
 `linearize kernels emit --rules NAME --out DIR`."""
 from __future__ import annotations
 
@@ -66,6 +67,24 @@ def main(argv=None) -> int:
     ev.add_argument("--no-original", action="store_true", help="skip the unconverted model's row")
     ev.add_argument("--out", default="eval", help="folder for eval.json, eval.md and the plots")
 
+    pl = sub.add_parser("plan", help="measure each layer's sensitivity to a rewrite and write a rule file that keeps "
+                        "softmax where it matters most, for a budget")
+    pl.add_argument("--model", default="smollm2", help="smollm2, tiny-llama|mistral|qwen2, or a model folder")
+    pl.add_argument("--rules", default=DEFAULT_RULES, help=f"the rewrite to place: rule set name or YAML file "
+                    f"(default: {DEFAULT_RULES})")
+    pl.add_argument("--budget", type=float, default=0.25,
+                    help="share of layers that keep softmax (0.25 = at most a quarter), or a whole number of layers")
+    pl.add_argument("--out", required=True, help="the rule file to write (.yaml); .json and .png go beside it")
+    pl.add_argument("--data", default=None, help="calibration text: folder, .txt or .jsonl (default: the training "
+                    "corpus, Python's documentation without the evaluation chapters)")
+    pl.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    pl.add_argument("--seq-len", type=int, default=1024, help="calibration context (rows of this many tokens)")
+    pl.add_argument("--from", dest="from_json", metavar="PLAN.json",
+                    help="reuse the measurements of an earlier plan (its .json): only the budget changes")
+    pl.add_argument("--compare", action="store_true", help="also measure perplexity of the plan against uniform "
+                    "and first/last placements at the same budget (the evaluation document)")
+    pl.add_argument("--lengths", default="512,2k", help="--compare: context lengths")
+
     rec = sub.add_parser("recover", help="train a converted model back to quality: attention transfer, then LoRA")
     rec.add_argument("--model", default="smollm2", help="smollm2, tiny-llama|mistral|qwen2, or a model folder")
     rec.add_argument("--rules", default=DEFAULT_RULES, help=f"rule set name or YAML file (default: {DEFAULT_RULES})")
@@ -103,6 +122,8 @@ def main(argv=None) -> int:
         return _eval(args)
     if args.command == "recover":
         return _recover(args)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "demo":
         from .demo import run_demo, run_tour
 
@@ -151,7 +172,7 @@ def _eval(args) -> int:
 def _recover(args) -> int:
     from .data import CorpusError
     from .models import load
-    from .recover import RecoverError, markdown, recover
+    from .recovery import RecoverError, markdown, recover
     from .rewrite import rules as R
 
     split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
@@ -172,6 +193,44 @@ def _recover(args) -> int:
     print(markdown(result))
     print(f"trained {result['seconds'] / 60:.1f} min; wrote {args.out} (a checkpoint: linearize eval --model "
           f"{args.out}), recover.md, recover.png")
+    return 0
+
+
+def _plan(args) -> int:
+    from .data import CorpusError
+    from .evaluate import parse_length
+    from .planning import Plan, PlanError, comparison_lines, compare, plan
+    from .rewrite import RuleError
+
+    try:
+        if args.from_json:
+            p = Plan.from_json(args.from_json).with_budget(args.budget)
+            model = tok = None
+        else:
+            from .models import load
+
+            model, tok = load(args.model)
+            p = plan(model, rules=args.rules, budget=args.budget, data=args.data, tokens=args.tokens,
+                     seq_len=args.seq_len, tokenizer=tok, model_name=args.model)
+        if args.compare:
+            if model is None:
+                from .models import load
+
+                model, tok = load(args.model)
+            if tok is None:
+                raise PlanError(f"--compare: model {args.model!r} has no tokenizer; perplexity needs text")
+            compare(model, p, tok, lengths=[parse_length(x) for x in args.lengths.split(",")])
+        files = p.write(args.out)
+    except (PlanError, RuleError, CorpusError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ranked = sorted((c for c in p.layers if c.kl is not None), key=lambda c: -c.kl)
+    print(f"measured {len(ranked)} layer(s) in {p.seconds:.0f} s; most sensitive: "
+          + ", ".join(f"{c.layer} ({c.kl:.4f})" for c in ranked[:5]))
+    print(f"softmax kept in layers {', '.join(map(str, p.keep)) or 'none'} ({len(p.keep)} of {p.num_layers})")
+    if p.comparison:
+        print("\n".join(comparison_lines(p.comparison)))
+    print("wrote " + ", ".join(str(f) for f in files) + f"; use it with rules: {files[0]}")
     return 0
 
 

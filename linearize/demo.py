@@ -54,7 +54,7 @@ def run_tour(new_tokens: int = 24, ppl_tokens: int = 512, width: int = 80, echo=
 
     from .generation import StateCache, convert, decode_logits
     from .models import load_smollm2
-    from .recover import shipped_adapter
+    from .recovery import shipped_adapter
 
     start = time.perf_counter()
     say = lambda text: echo(f"[{time.perf_counter() - start:5.0f} s] {text}", flush=True)  # noqa: E731

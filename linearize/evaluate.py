@@ -416,25 +416,14 @@ def write(result: dict, out) -> list:
 def model_rows(model, rules: list, original: bool = True) -> list:
     """(name, enter) rows for one base model: as it is, then converted under each rule set in turn (in place,
     reverted afterwards, so one copy of the weights serves every row)."""
-    from .generation import convert, revert
+    from .generation import converted
 
     def as_is():
         return contextlib.nullcontext(model)
 
-    def converted(r):
-        @contextlib.contextmanager
-        def enter():
-            convert(model, rules=r)
-            try:
-                yield model
-            finally:
-                revert(model)
-                torch._dynamo.reset()
-        return enter
-
     if getattr(model, "_linearize_rules", None) is not None:  # converted already (a loaded checkpoint)
         return [(str(model._linearize_rules), as_is)]
-    return ([("original", as_is)] if original else []) + [(str(r), converted(r)) for r in rules]
+    return ([("original", as_is)] if original else []) + [(str(r), lambda r=r: converted(model, r)) for r in rules]
 
 
 def evaluate(models=("smollm2",), rules=(), spec: Optional[EvalSpec] = None, original: bool = True,

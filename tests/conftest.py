@@ -35,3 +35,20 @@ def smollm2():
         return load_smollm2()
     except (FileNotFoundError, ImportError) as exc:  # the model package is an explicit install step
         pytest.skip(f"SmolLM2 not installed: {exc}")
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """A character-level fast tokenizer (ids 3..), built in code: evaluation needs text, tiny models have none."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;?!'\"-()\n*_=+/<>[]{}`#@%&|~^$\\"))
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    assert len(fast) <= 128
+    return fast

@@ -11,7 +11,7 @@ import linearize
 from linearize.data import CorpusError, pack, read_corpus
 from linearize.generation import StateCache, decode_logits
 from linearize.models import tiny_model
-from linearize.recover import RecoverError, Run, batch_rows, recover
+from linearize.recovery import RecoverError, Run, batch_rows, recover
 
 # one training row: every step sees the same batch, so each stage's loss must fall
 ONE_ROW = ["The quick brown fox jumps over the lazy dog. " * 3]
@@ -122,7 +122,7 @@ def test_teacher_is_the_original_model_on_the_same_weights():
     with torch.no_grad():
         want = model(input_ids=ids, use_cache=False).logits
     params = sum(p.numel() for p in model.parameters())
-    from linearize.recover import RecoverConfig
+    from linearize.recovery import RecoverConfig
 
     run = Run(model, RecoverConfig(rules="liger", **FAST), None, 0, 1)
     for p in run.model.parameters():  # make the adapters matter

@@ -7,6 +7,8 @@ so `model(...)` and `model.generate(...)` both run the rewritten graphs. The rul
 """
 from __future__ import annotations
 
+import contextlib
+
 
 def convert(model, rules=None, **options):
     """Compile `model` in place with backend="linearize" and `options` (see linearize/options.py); returns it."""
@@ -28,6 +30,20 @@ def revert(model):
         for attr in ("_linearize_rules", "_linearize_plans"):
             m.__dict__.pop(attr, None)
     return model
+
+
+@contextlib.contextmanager
+def converted(model, rules, **options):
+    """`model` converted in place for the block, then reverted, Dynamo's caches cleared: one copy of the weights
+    serves one rule set after another (evaluation rows, planning probes)."""
+    import torch
+
+    convert(model, rules=rules, **options)
+    try:
+        yield model
+    finally:
+        revert(model)
+        torch._dynamo.reset()
 
 
 def peft_base(model):

@@ -79,7 +79,9 @@ class RecoverConfig:
         self.lora_targets, self.transfer_targets = tuple(self.lora_targets), tuple(self.transfer_targets)
         self.final_lengths = tuple(self.final_lengths)
 
-    def stage_steps(self, stage: str) -> int:
+    @property
+    def steps_per_stage(self) -> int:
+        """Optimizer steps of each stage: the token budget is split evenly between the stages."""
         return max(1, math.ceil(self.tokens / len(self.stages) / (self.batch_size * self.seq_len)))
 
 
@@ -141,6 +143,7 @@ class Run:
 
         self.cfg, self.tokenizer, self.rank, self.world = cfg, tokenizer, rank, world
         self.seconds, self.table = 0.0, {}
+        self._held_out: dict = {}  # short (LICENSE) or long document -> token ids
         base = peft_base(model) or model
         report = decide_sites(base, cfg.rules)
         self.sites = [s for s in report.sites if s.rewrite not in ("keep", "exact") and s.module_path]
@@ -164,8 +167,7 @@ class Run:
     def student(self, ids, labels=None, model=None):
         """The converted model (compiled); returns (outputs, attention outputs by site)."""
         self.captured = {}
-        with _quiet():
-            out = (model or self.model)(input_ids=ids, labels=labels, use_cache=False)
+        out = self.student_call(ids, model=model, labels=labels, use_cache=False)
         return out, self.captured
 
     @torch.no_grad()
@@ -208,7 +210,7 @@ class Run:
             p.requires_grad_(id(p) in wanted)
         model = self._ddp()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        steps = cfg.stage_steps(stage)
+        steps = cfg.steps_per_stage
         warmup = max(1, steps // 20)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -260,9 +262,10 @@ class Run:
     def held_out_ppl(self, length: int) -> float:
         return self._ppl(self.student_call, length)
 
-    def student_call(self, ids, **kw):
+    def student_call(self, ids, model=None, **kw):
+        """The converted model (or its DDP wrapper, `model`) on `ids`."""
         with _quiet():
-            return self.model(input_ids=ids, **kw)
+            return (model or self.model)(input_ids=ids, **kw)
 
     def teacher_call(self, ids, **kw):
         with self.model.disable_adapter():
@@ -280,9 +283,12 @@ class Run:
         disjoint from the default training corpus."""
         from .data import encode, english_text, long_document
 
-        text = english_text() if length <= 512 else long_document()
-        ids = torch.tensor([encode(text, self.tokenizer, self.model.config.vocab_size)])
-        return ids if length <= 512 else ids[:, : 3 * length]
+        short = length <= 512
+        if short not in self._held_out:  # tokenizing the long document takes seconds; it is asked for often
+            text = english_text() if short else long_document()
+            self._held_out[short] = torch.tensor([encode(text, self.tokenizer, self.model.config.vocab_size)])
+        ids = self._held_out[short]
+        return ids if short else ids[:, : 3 * length]
 
     @torch.no_grad()
     def layer_errors(self) -> list:
@@ -445,7 +451,7 @@ def _global_mean(x: torch.Tensor, world: int) -> float:
 
 
 def _stage_offset(cfg: RecoverConfig, si: int) -> int:
-    return sum(cfg.stage_steps(s) * cfg.batch_size * cfg.seq_len for s in cfg.stages[:si])
+    return cfg.steps_per_stage * cfg.batch_size * cfg.seq_len * si
 
 
 def _with(lengths, extra) -> list:
