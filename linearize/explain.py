@@ -212,10 +212,12 @@ def explain(model, *args, rules=None, numerics: bool = False, debug_dir: Optiona
 
     from torch._dynamo.utils import graph_break_reasons
 
+    from .generation.convert import uncompiled
+
     torch._dynamo.reset()
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), uncompiled(model):  # a converted model: capture its original forward
             output = torch.compile(model, backend=backend)(*args, **kwargs)
         breaks = list(graph_break_reasons)
     finally:

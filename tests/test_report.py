@@ -371,3 +371,17 @@ def test_cli_explain_bad_rule_set_exits_2(capsys):
 
     assert main(["explain", "--model", "tiny-llama", "--rules", "no-such-rules"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_explain_on_a_model_converted_in_place_sees_its_original_attention():
+    from linearize.generation import converted
+    from linearize.models import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.arange(1, 9)[None]
+    plain = linearize.explain(model, ids, rules="swa", use_cache=False)
+    with converted(model, "liger"):
+        compiled_call = model._compiled_call_impl
+        again = linearize.explain(model, ids, rules="swa", use_cache=False)
+        assert model._compiled_call_impl is compiled_call  # left converted
+    assert len(plain.sites) == 2 and [s.rewrite for s in again.sites] == [s.rewrite for s in plain.sites]

@@ -46,6 +46,23 @@ def converted(model, rules, **options):
         torch._dynamo.reset()
 
 
+@contextlib.contextmanager
+def uncompiled(model):
+    """`model` (and the model inside a peft wrapper) running its plain forward for the block, even if `convert`
+    compiled it in place: `explain` must capture the original graph, not call into the converted one."""
+    mods = [m for m in _layers(model) if hasattr(m, "__dict__")]
+    saved = [m.__dict__.get("_compiled_call_impl") for m in mods]
+    for m in mods:
+        if "_compiled_call_impl" in m.__dict__:
+            m._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        for m, impl in zip(mods, saved):
+            if impl is not None:
+                m._compiled_call_impl = impl
+
+
 def peft_base(model):
     """The transformers model inside a peft wrapper (its LoRA layers included), or None for any other model."""
     return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else None

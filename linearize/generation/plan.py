@@ -75,12 +75,7 @@ def decide_sites(model, rules, device=None):
 
     vocab = getattr(model.config, "vocab_size", 2)
     ids = (torch.arange(8, device=device) % max(vocab - 1, 1) + 1)[None]
-    compiled = model.__dict__.get("_compiled_call_impl")  # explain compiles the plain forward itself
-    model._compiled_call_impl = None
-    try:
-        return explain(model, ids, rules=rules, use_cache=False)
-    finally:
-        model._compiled_call_impl = compiled
+    return explain(model, ids, rules=rules, use_cache=False)  # of the plain forward, even if converted in place
 
 
 def plan_layers(model, rules, num_layers: int, device=None) -> list:
