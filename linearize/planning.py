@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import textwrap
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -97,8 +98,8 @@ class Plan:
         lines = [
             f"# Written by `linearize plan` on {datetime.date.today().isoformat()}: {self.model or 'model'}, base rule "
             f"set `{self.base}`,",
-            f"# calibration: {cal.get('tokens', '?')} tokens in rows of {cal.get('seq_len', '?')} of "
-            f"{cal.get('corpus', '?')}.",
+            *textwrap.wrap(f"calibration: {cal.get('tokens', '?')} tokens in rows of {cal.get('seq_len', '?')} of "
+                           f"{cal.get('corpus', '?')}.", 116, initial_indent="# ", subsequent_indent="#   "),
             f"# Sensitivity = mean KL(original || converted) of the final logits, nats per token, when only that layer",
             f"# is rewritten; dNLL = the change in next-token loss. Budget {self.budget:g}: {len(keep)} of "
             f"{self.num_layers} layers keep softmax attention (the most sensitive); the rest follow `{self.base}`.",
@@ -370,7 +371,9 @@ def plot(p: Plan, path: pathlib.Path) -> list:
                    label=f"{L} tokens")
         ax.set_xticks([i + width * (len(c["lengths"]) - 1) / 2 for i in range(len(names))])
         ax.set_xticklabels([n.split(" (")[0] for n in names], rotation=20, fontsize=8)
-        ax.set_yscale("log")
+        values = [v for row in c["rows"].values() for v in row.values()]
+        if max(values) > 20 * min(values):  # a zero-shot recipe far off: log, else bars from 0 read honestly
+            ax.set_yscale("log")
         ax.set_ylabel("perplexity")
         ax.legend(fontsize=8)
     fig.tight_layout()
