@@ -13,13 +13,10 @@ def log(msg: str) -> None:
 
 def two_panels(path: pathlib.Path):
     """(plt, fig, ax1, ax2) for a 1x2 figure, or None (with a message) when matplotlib is not installed."""
-    try:
-        import matplotlib
+    from linearize.report.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no plot ({path.name} not written); `pip install matplotlib` for it")
+    plt = pyplot(path.name)
+    if plt is None:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     return plt, fig, ax1, ax2

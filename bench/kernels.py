@@ -310,13 +310,10 @@ def _all(ratios, label, direction, threshold, min_t=0):
 
 
 def plot(rows, path: Path, device_name: str) -> bool:
-    try:
-        import matplotlib
+    from linearize.report.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib not installed: no PNG written (pip install matplotlib)")
+    plt = pyplot('the kernel plot')
+    if plt is None:
         return False
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)

@@ -360,12 +360,10 @@ def markdown_table(result: dict) -> str:
 
 def plot(result: dict, out: pathlib.Path) -> list:
     """perplexity.png (perplexity vs context length) and passkey.png (length x depth accuracy per row)."""
-    try:
-        import matplotlib
+    from .report.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot('perplexity.png and passkey.png')
+    if plt is None:
         return []
     written = []
     spec, rows = result["spec"], result["rows"]

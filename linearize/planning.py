@@ -100,7 +100,7 @@ class Plan:
             f"set `{self.base}`,",
             *textwrap.wrap(f"calibration: {cal.get('tokens', '?')} tokens in rows of {cal.get('seq_len', '?')} of "
                            f"{cal.get('corpus', '?')}.", 116, initial_indent="# ", subsequent_indent="#   "),
-            f"# Sensitivity = mean KL(original || converted) of the final logits, nats per token, when only that layer",
+            "# Sensitivity = mean KL(original || converted) of the final logits, nats per token, when only that layer",
             f"# is rewritten; dNLL = the change in next-token loss. Budget {self.budget:g}: {len(keep)} of "
             f"{self.num_layers} layers keep softmax attention (the most sensitive); the rest follow `{self.base}`.",
             "#",
@@ -328,28 +328,12 @@ def comparison_lines(c: dict) -> list:
                      for name, row in c["rows"].items()]
 
 
-def markdown(p: Plan) -> str:
-    from .evaluate import length_label
-
-    out = [f"Plan for `{p.base}` at budget {p.budget:g}: softmax kept in layers {_ranges(p.keep)} "
-           f"({len(p.keep)} of {p.num_layers}); measured in {p.seconds:.0f} s."]
-    if p.comparison:
-        c = p.comparison
-        out += ["", "| placement | " + " | ".join(f"ppl @ {length_label(L)}" for L in c["lengths"]) + " |",
-                "| --- |" + " --- |" * len(c["lengths"])]
-        out += [f"| {name} | " + " | ".join(f"{row[str(L)]:.2f}" for L in c["lengths"]) + " |"
-                for name, row in c["rows"].items()]
-    return "\n".join(out)
-
-
 def plot(p: Plan, path: pathlib.Path) -> list:
     """Sensitivity per layer (kept layers highlighted) and, when compared, perplexity per placement."""
-    try:
-        import matplotlib
+    from .report.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot("the plan's PNG")
+    if plt is None:
         return []
     panels = 2 if p.comparison else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 2, 3.6), squeeze=False)

@@ -504,12 +504,10 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: pathlib.Path) -> Optional[pathlib.Path]:
     """Training loss per stage and the held-out perplexity curve, vs tokens trained."""
-    try:
-        import matplotlib
+    from .report.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot('recover.png')
+    if plt is None:
         return None
     hist, cfg = result["history"], result["config"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
