@@ -179,6 +179,8 @@ def plan(model, rules=None, budget: float = 0.25, data=None, tokens: int = 4096,
     budget = check_budget(budget)
     if getattr(model, "_linearize_rules", None) is not None:
         raise PlanError("plan: the model is converted already; give the original model (linearize.revert(model))")
+    if model.training:  # dropout would make every measurement noise
+        raise PlanError("plan: the model is in training mode; call model.eval() first (dropout changes every forward)")
     report = decide_sites(model, base)
     costs = _layer_costs(report)
     texts, corpus = read_corpus(data)

@@ -121,6 +121,9 @@ def test_bad_input_is_refused(tmp_path):
     with converted(model, "swa"):
         with pytest.raises(PlanError, match="converted already"):
             plan(model, rules="swa", **CAL)
+    with pytest.raises(PlanError, match="training mode"):
+        plan(model.train(), rules="swa", **CAL)
+    model.eval()
     p = Plan(base="swa", layers=[], budget=0.5)
     with pytest.raises(PlanError, match=".yaml"):
         p.write(tmp_path / "plan.txt")
