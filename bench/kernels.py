@@ -312,7 +312,7 @@ def _all(ratios, label, direction, threshold, min_t=0):
 def plot(rows, path: Path, device_name: str) -> bool:
     from linearize.report.plots import pyplot
 
-    plt = pyplot('the kernel plot')
+    plt = pyplot("the kernel plot")
     if plt is None:
         return False
     models = sorted({r["model"] for r in rows})

@@ -362,7 +362,7 @@ def plot(result: dict, out: pathlib.Path) -> list:
     """perplexity.png (perplexity vs context length) and passkey.png (length x depth accuracy per row)."""
     from .report.plots import pyplot
 
-    plt = pyplot('perplexity.png and passkey.png')
+    plt = pyplot("perplexity.png and passkey.png")
     if plt is None:
         return []
     written = []

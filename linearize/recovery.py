@@ -506,7 +506,7 @@ def plot(result: dict, path: pathlib.Path) -> Optional[pathlib.Path]:
     """Training loss per stage and the held-out perplexity curve, vs tokens trained."""
     from .report.plots import pyplot
 
-    plt = pyplot('recover.png')
+    plt = pyplot("recover.png")
     if plt is None:
         return None
     hist, cfg = result["history"], result["config"]
