@@ -1,14 +1,17 @@
-"""Generated Triton kernels (linearize/kernels/triton/) against the naive references, on the CPU interpreter.
+"""Generated Triton kernels (linearize/kernels/triton/) against the naive references.
 
 Forward and backward of every gate kind and feature map, window on and off, T not a multiple of the chunk, GQA
-groups 1/3/4, K != V, fp32 and fp16; extreme gates; the decode step; the generator, cache and fallbacks.
-Shapes are tiny: the interpreter runs each program in numpy.
+groups 1/3/4, K != V, fp32 and fp16 (and bf16 on a GPU); extreme gates; the decode step; the generator, cache and
+fallbacks. By default on the CPU interpreter with tiny shapes (it runs each program in numpy);
+LINEARIZE_TEST_DEVICE=cuda runs the same tests on compiled kernels (bench/gpu/run.py does).
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (collection time)
+DEVICE = os.environ.get("LINEARIZE_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (collection time)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,7 +26,8 @@ from linearize.kernels.triton.spec import KernelSpec, UnsupportedSpec  # noqa: E
 
 FEATURES = {"softmax": lambda x: x.softmax(-1), "identity": lambda x: x, "relu": F.relu,
             "elu+1": lambda x: F.elu(x) + 1}
-TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+HALF = [torch.float16] + ([torch.bfloat16] if DEVICE != "cpu" else [])  # the interpreter has no bf16
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,7 +63,7 @@ def _case(*, B=1, hkv=2, G=1, T=40, K=16, V=32, C=32, fm="softmax", gate="vector
     gen = torch.Generator().manual_seed(seed)
 
     def mk(*shape, s=1.0):
-        return (s * torch.randn(*shape, generator=gen)).to(dtype).requires_grad_()
+        return (s * torch.randn(*shape, generator=gen)).to(DEVICE, dtype).requires_grad_()
 
     q, k, v = mk(B, hkv * G, T, K), mk(B, hkv, T, K, s=k_scale), mk(B, hkv, T, V)
     qw, kw = (mk(B, hkv * G, T, K), mk(B, hkv, T, K)) if window else (None, None)
@@ -67,10 +71,10 @@ def _case(*, B=1, hkv=2, G=1, T=40, K=16, V=32, C=32, fm="softmax", gate="vector
     if gate_fn == "given" and gate in ("vector", "scalar"):
         shape = (B, hkv, T) + ((K,) if gate == "vector" else ())
         g = given(shape) if given is not None else F.logsigmoid(torch.randn(*shape, generator=gen)) / 4
-        g = g.float().requires_grad_()
+        g = g.float().to(DEVICE).requires_grad_()
     elif gate == "fixed":
-        g = -torch.rand(hkv, generator=gen)
-    h_init = torch.randn(B, hkv, K, V, generator=gen).requires_grad_() if h0 else None
+        g = -torch.rand(hkv, generator=gen).to(DEVICE)
+    h_init = torch.randn(B, hkv, K, V, generator=gen).to(DEVICE).requires_grad_() if h0 else None
     spec = KernelSpec(head_k=K, head_v=V, chunk=C, group=G, feature_map=fm, gate=gate, gate_fn=gate_fn,
                       window=window, mix=mix, gate_normalizer=norm, dtype=str(dtype).replace("torch.", ""))
     scale, wscale = 0.7, 0.3
@@ -88,8 +92,8 @@ def _case(*, B=1, hkv=2, G=1, T=40, K=16, V=32, C=32, fm="softmax", gate="vector
     for name, t in (("o", o), ("ht", ht)):
         assert torch.isfinite(t).all(), f"{name} not finite"
 
-    do = torch.randn(ref.shape, generator=gen).double()
-    dh = torch.randn(h_ref.shape, generator=gen).double() if dht else None
+    do = torch.randn(ref.shape, generator=gen).double().to(DEVICE)
+    dh = torch.randn(h_ref.shape, generator=gen).double().to(DEVICE) if dht else None
     loss = (ref * do).sum() + ((h_ref * dh).sum() if dht else 0.0)
     named = [("dq", q), ("dk", k), ("dv", v)] + ([("dq_win", qw), ("dk_win", kw)] if window else [])
     named += [("dg", g)] if gate_fn == "given" and g is not None and gate != "fixed" else []
@@ -125,14 +129,31 @@ def test_fp32_matches_naive(kwargs):
     assert max(err.values()) <= TOL[torch.float32], err
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("kwargs", [
     dict(window=16),
     dict(gate="scalar", gate_fn="neg_softplus", fm="relu", G=3, hkv=1, T=37),
 ], ids=["liger-vector-softmax-W16", "gla-scalar-relu-G3-T37"])
-def test_fp16_matches_naive(kwargs):
-    err = _case(dtype=torch.float16, **kwargs)
+def test_half_precision_matches_naive(kwargs, dtype):
+    err = _case(dtype=dtype, **kwargs)
     print(kwargs, {k: f"{v:.1e}" for k, v in err.items()})
-    assert max(err.values()) <= TOL[torch.float16], err
+    assert max(err.values()) <= TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF, ids=str)
+@pytest.mark.parametrize("kwargs", [
+    dict(window=64, mix=(0.5, 0.5)),  # the Liger recipe's layer: window 64, chunk 64, GQA 4, D 64
+    dict(gate="scalar", gate_fn="neg_softplus", fm="identity", K=128, V=128),  # mamba2-style gate, D 128
+], ids=["liger-D64-G4", "simple-gla-D128-G4"])
+def test_model_sized_heads(kwargs, dtype):
+    """The tiles real models use (D 64/128, chunk 64, GQA 4), T = 200 not a multiple of the chunk, several heads,
+    every dtype. GPU only: the interpreter needs minutes per case at these tiles (the small-tile cases above run the
+    same code paths on the CPU)."""
+    if DEVICE == "cpu":
+        pytest.skip("model-sized tiles run on a GPU only (LINEARIZE_TEST_DEVICE=cuda, bench/gpu/run.py)")
+    err = _case(dtype=dtype, B=2, hkv=2, G=4, T=200, C=64, **{"K": 64, "V": 64, **kwargs})
+    print(kwargs, {k: f"{v:.1e}" for k, v in err.items()})
+    assert max(err.values()) <= TOL[dtype], err
 
 
 @pytest.mark.parametrize("extreme", ["near_zero", "near_minus_inf", "mixed"])
@@ -160,11 +181,11 @@ def test_decode_steps_match_the_recurrence():
     """The one-token decode kernel, run T times with its state updated in place, is naive_gla."""
     B, hkv, G, T, K, V = 1, 2, 2, 6, 16, 32
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(B, hkv * G, T, K, generator=gen), torch.randn(B, hkv, T, K, generator=gen),
-               torch.randn(B, hkv, T, V, generator=gen))
+    q, k, v = (torch.randn(B, hkv * G, T, K, generator=gen).to(DEVICE),
+               torch.randn(B, hkv, T, K, generator=gen).to(DEVICE), torch.randn(B, hkv, T, V, generator=gen).to(DEVICE))
     spec = KernelSpec(head_k=K, head_v=V, group=G, chunk=16, gate="vector", gate_fn="logsigmoid",
                       feature_map="softmax")
-    state = torch.zeros(B, hkv, K, V)
+    state = torch.zeros(B, hkv, K, V, device=DEVICE)
     outs = [launch.decode(spec, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], None, state, 0.5)
             for t in range(T)]
     ref, ref_state = naive_gla(q.softmax(-1), k.softmax(-1), v, F.logsigmoid(k) / 16, 0.5)
@@ -184,7 +205,7 @@ def test_generated_source_is_specialised():
     assert "MIX_W = tl.constexpr(0.5)" in src_liger and "W = tl.constexpr(64)" in src_liger
     assert "tl.maximum(x, 0.0)" in src_gla and "tl.maximum(x, 0.0)" not in src_liger  # relu feature map only
     assert "logsigmoid(k)/16" in src_liger and "neg_softplus(mean_c(k))/16" in src_gla
-    assert "#if" not in src_liger and "@" not in src_liger.replace("@triton.jit", "")
+    assert "#if" not in src_liger and "@" not in src_liger.replace("@triton.jit", "").replace("@autotuned", "")
     compile(src_liger, "liger.py", "exec")
     compile(src_gla, "gla.py", "exec")
 
@@ -196,11 +217,11 @@ def test_cache_is_keyed_by_spec_and_loaded_lazily(tmp_path, monkeypatch):
     assert spec.key() != spec.with_(gate_normalizer=8.0).key()
     assert not list(tmp_path.glob("*.py"))  # nothing generated before first use
     before = dict(cache.stats)
-    mod = cache.load(spec, interpret=True)
+    mod = cache.load(spec, interpret=DEVICE == "cpu")
     assert (tmp_path / f"{spec.key()}.py").is_file()
-    assert cache.load(spec, interpret=True) is mod  # memoised
+    assert cache.load(spec, interpret=DEVICE == "cpu") is mod  # memoised
     cache.clear_memory()
-    cache.load(spec, interpret=True)  # re-imported from the file, not regenerated
+    cache.load(spec, interpret=DEVICE == "cpu")  # re-imported from the file, not regenerated
     assert cache.stats["generated"] == before["generated"] + 1
     assert cache.stats["loaded"] == before["loaded"] + 2
 

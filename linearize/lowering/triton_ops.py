@@ -12,7 +12,8 @@ allocated with torch.empty). Without CUDA the kernels run in Triton's CPU interp
 trace, so the same bodies are registered as opaque `torch.library.custom_op`s with fake kernels instead; that is
 what CI exercises under torch.compile(fullgraph=True).
 
-`gla(...)` / `liger(...)` are what linearize/rewrite/replacements.py calls when `options={"kernels": ...}` selects
+`gla(...)` / `liger(...)` / `gla_step(...)` are what linearize/rewrite/replacements.py calls when
+`options={"kernels": ...}` selects
 Triton: they build the spec from the rule's parameters and the tensors, and return None (after one warning per
 reason) when the generated kernels cannot take the site, so the caller keeps the reference path.
 """
@@ -323,6 +324,21 @@ def liger(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, *, wind
         return None
     o, _, _ = attention(ql, kl, v, q, k, g, None, spec.to_json(), float(scale), float(window_scale))
     return o
+
+
+def gla_step(qf: Tensor, kf: Tensor, vf: Tensor, g: Tensor, state: Tensor, scale: float
+             ) -> Optional[tuple[Tensor, Tensor]]:
+    """One decoding token of the linear branch through the generated decode kernel: features and log gate already
+    applied (fp32), `state` [B, Hkv, K, V] fp32. Returns (o, new state) like kernels.gla.gla_step, or None."""
+    if state.dtype != torch.float32:
+        warn_once(f"the decode kernel keeps an fp32 state, this one is {state.dtype}")
+        return None
+    spec = _build(qf, kf, vf, gate="vector", gate_fn="given", feature_map="identity", chunk=16, scale=float(scale))
+    if spec is None:
+        return None
+    new = state.clone(memory_format=torch.contiguous_format)  # the kernel updates it in place
+    o = decode_op(qf, kf, vf, g.contiguous(), new, spec.to_json(), float(scale))
+    return o, new
 
 
 def swa(q: Tensor, k: Tensor, v: Tensor, *, window: int, scale: float) -> Optional[Tensor]:

@@ -56,7 +56,7 @@ def gla_with_state(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, featur
                    normalize: bool, scale: float = 1.0, gate_lower_bound: float = 0.0, decay: float = 0.99,
                    valid=None, initial_state=None, kernels: str = "auto"):
     """`gla_attention` on the PyTorch path, continuing from `initial_state` [B, Hkv, F, Dv(+1)] (fp32) and
-    returning (o, final state). Keys where `valid` [B, T] is False (padding) are skipped: their features and log
+    returning (o, final state). A one-token step runs the generated decode kernel where `kernels` selects Triton. Keys where `valid` [B, T] is False (padding) are skipped: their features and log
     gates are zeroed, so the state passes them by unchanged."""
     phi = FEATURE_MAPS[feature_map]
     qf, kf = phi(q_pre.float()), phi(k_pre.float())
@@ -70,7 +70,9 @@ def gla_with_state(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, featur
     if normalize:  # one more value column of ones carries the denominator sum of gated feature weights
         vf = torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1)
     if initial_state is not None and qf.shape[-2] == 1:  # a decoding step: the recurrence itself
-        o, state = gla_step(qf, kf, vf, g, initial_state, scale)
+        step = _triton.gla_step(qf, kf, vf, g, initial_state, scale) if _triton.use_triton(kernels, v.device) \
+            else None
+        o, state = step if step is not None else gla_step(qf, kf, vf, g, initial_state, scale)
     else:
         o, state = torch.ops.linearize.gla(qf, kf, vf, g, initial_state, scale, chunk_size)
     if normalize:

@@ -5,7 +5,8 @@ The chunk is the current input (the prompt at prefill, one token per decode step
 Padding comes from transformers' mask over the cache's slots: the last query's row says which current keys are real
 (`key_validity`, read once per graph, since every layer shares the mask). Padded keys never enter a state or a ring (their keys, values and gates are zeroed, their ring positions are -1).
 The copies into the buffers are ordinary in-place ops on graph inputs; AOTAutograd functionalises them.
-`kernels=` is accepted like the full-sequence replacements' and ignored: decoding runs the PyTorch kernels.
+`kernels=` selects the kernels as in the full-sequence replacements: the one-token GLA step runs the generated
+decode kernel where Triton is selected (CUDA under "auto"); the window ring and prefill chunks run PyTorch ops.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def liger_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, rin
     w_window, w_linear = mix
     swa = window_attention_step(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
                                 window=window, scale=window_scale, sinks=sinks)
-    gla = gla_attention_step(q_pre, k_pre, v, valid, pos0, state, **gla_params)
+    gla = gla_attention_step(q_pre, k_pre, v, valid, pos0, state, kernels=kernels, **gla_params)
     return w_window * swa + w_linear * gla
 
 

@@ -29,7 +29,7 @@ MIX_MODES = ("sum", "shared")
 DTYPES = ("float32", "float16", "bfloat16")
 SUB_CHUNK = 16
 # Generator version: bump when templates change so stale cached sources are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 class UnsupportedSpec(ValueError):

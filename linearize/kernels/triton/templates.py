@@ -19,6 +19,8 @@ HEADER = """\
 import triton
 import triton.language as tl
 
+from linearize.kernels.triton.tuning import autotuned
+
 LOG2E = tl.constexpr(1.4426950408889634)
 HK = tl.constexpr(@HEAD_K@)
 HV = tl.constexpr(@HEAD_V@)
@@ -159,6 +161,7 @@ STATES_FWD = """
 #if LINEAR
 
 
+@autotuned
 @triton.jit
 def states_fwd(k_ptr, v_ptr, g_ptr, h0_ptr, b_ptr, h_ptr, T, N, HKV,
                HAS_H0: tl.constexpr, BV: tl.constexpr):
@@ -210,6 +213,7 @@ def states_fwd(k_ptr, v_ptr, g_ptr, h0_ptr, b_ptr, h_ptr, T, N, HKV,
 CHUNK_FWD = """
 
 
+@autotuned
 @triton.jit
 def chunk_fwd(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, b_ptr, h_ptr, o_ptr, lse_ptr, T, N, HQ, HKV, scale, wscale,
               BV: tl.constexpr):
@@ -296,6 +300,7 @@ STATES_BWD = """
 #if LINEAR
 
 
+@autotuned
 @triton.jit
 def states_bwd(q_ptr, do_ptr, b_ptr, dht_ptr, dh_ptr, dh0_ptr, T, N, HQ, HKV, dscale,
                HAS_DHT: tl.constexpr, BV: tl.constexpr):
@@ -337,6 +342,7 @@ def states_bwd(q_ptr, do_ptr, b_ptr, dht_ptr, dh_ptr, dh0_ptr, T, N, HQ, HKV, ds
 CHUNK_BWD = """
 
 
+@autotuned
 @triton.jit
 def chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, b_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
               T, N, HQ, HKV, dscale):
@@ -458,6 +464,7 @@ WINDOW_BWD = """
 #if WINDOW
 
 
+@autotuned
 @triton.jit
 def window_bwd_dq(qw_ptr, kw_ptr, v_ptr, do_ptr, lse_ptr, dqw_ptr, delta_ptr, T, HQ, HKV, wscale):
     # Window branch, dq for one 16-row query block; first recomputes the window output to get
