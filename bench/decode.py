@@ -103,7 +103,7 @@ def dynamic_cache_bytes(cache) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def synthetic_dynamic_cache(config, n: int, gen: torch.Generator):
+def synthetic_dynamic_cache(config, n: int, gen: torch.Generator, device="cpu", dtype=torch.float32):
     """A DynamicCache holding, per layer, random keys and values of n tokens (what a prefill of n tokens leaves)."""
     from transformers import DynamicCache
 
@@ -111,8 +111,8 @@ def synthetic_dynamic_cache(config, n: int, gen: torch.Generator):
     heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for i in range(config.num_hidden_layers):
-        k = torch.randn(1, heads, n, head_dim, generator=gen)
-        v = torch.randn(1, heads, n, head_dim, generator=gen)
+        k = torch.randn(1, heads, n, head_dim, generator=gen).to(device, dtype)
+        v = torch.randn(1, heads, n, head_dim, generator=gen).to(device, dtype)
         cache.update(k, v, i)
     return cache
 
@@ -138,10 +138,10 @@ def fill_state_cache(cache, n: int, gen: torch.Generator) -> None:
                 elif name in ("state", "norm"):  # sums of non-negative features: keep denominators positive
                     t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype))
                 else:
-                    t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype))
+                    t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
         elif isinstance(layer, KVLayer):  # a site kept as softmax: a preallocated KV cache, first n slots used
             for t in (layer.keys, layer.values):
-                t[:, :, :n].copy_(torch.randn(t[:, :, :n].shape, generator=gen, dtype=t.dtype))
+                t[:, :, :n].copy_(torch.randn(t[:, :, :n].shape, generator=gen).to(t.dtype))
             layer.cumulative_length.fill_(n)
         else:
             raise TypeError(f"unknown StateCache layer {type(layer).__name__}")
@@ -162,13 +162,13 @@ def check_state_cache_layout(cache, n: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def converted_copy(model, rules: str, inner: str):
+def converted_copy(model, rules: str, inner: str, **options):
     """A copy of the module sharing the weights, compiled in place by linearize.convert (the original is untouched)."""
     import linearize
 
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     clone = copy.deepcopy(model, memo=shared)
-    linearize.convert(clone, rules=rules, inner=inner)
+    linearize.convert(clone, rules=rules, inner=inner, **options)
     return clone
 
 

@@ -220,7 +220,8 @@ def _tiny_config_class(arch: str):
         raise ValueError(f"tiny_model: unknown arch {arch!r}; choose one of {TINY_ARCHS}") from None
 
 
-def tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+def tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, *, device="cpu",
+               dtype: torch.dtype = torch.float32, **overrides):
     """A tiny random causal LM of the given architecture, for fast tests.
 
     ``arch`` is one of ``"llama"``, ``"mistral"``, ``"qwen2"``. Defaults: 2 layers, hidden 64,
@@ -230,19 +231,18 @@ def tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, **ov
     ``sliding_window=4096`` and Qwen2 its q/k/v biases).
 
     The weights depend only on ``seed`` (the global RNG is left untouched). A new model is built on
-    every call, so tests may mutate it.
+    every call, so tests may mutate it. ``device`` / ``dtype``: where the weights are made (a model-sized random
+    config, e.g. for the GPU benchmarks, is initialised on the GPU directly).
     """
     from transformers import AutoModelForCausalLM
 
     cfg_cls = _tiny_config_class(arch)
     kwargs = {**_TINY_DEFAULTS, **overrides}
     config = cfg_cls(**kwargs)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32, attn_implementation=attn_implementation
-        )
-    return model.float().eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(dtype).eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -342,7 +342,6 @@ def states_bwd(q_ptr, do_ptr, b_ptr, dht_ptr, dh_ptr, dh0_ptr, T, N, HQ, HKV, ds
 CHUNK_BWD = """
 
 
-@autotuned
 @triton.jit
 def chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, b_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
               T, N, HQ, HKV, dscale):
@@ -371,8 +370,7 @@ def chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, b_ptr, h_ptr, dh_ptr, dq_ptr, 
     b_end = tl.load(b_base + (i_n * C + C - 1) * GK + rg)
     end = _red(tl.sum(dhn * h_next, 1)[None, :])
     carry = tl.zeros([1, GK], dtype=tl.float32)
-    for Ir in tl.static_range(NS):
-        I = NS - 1 - Ir
+    for I in tl.static_range(NS - 1, -1, -1):  # sub-chunks last to first (I stays a compile-time constant)
         i0 = i_n * C + I * S
         ri = i0 + rs
         vi = ri < T
