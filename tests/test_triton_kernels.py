@@ -151,6 +151,8 @@ def test_model_sized_heads(kwargs, dtype):
     same code paths on the CPU)."""
     if DEVICE == "cpu":
         pytest.skip("model-sized tiles run on a GPU only (LINEARIZE_TEST_DEVICE=cuda, bench/gpu/run.py)")
+    if kwargs.get("K") == 128 and dtype != torch.bfloat16:
+        pytest.skip("D 128: bf16 only (its backward kernel takes ~50 s to compile per dtype)")
     err = _case(dtype=dtype, B=2, hkv=2, G=4, T=200, C=64, **{"K": 64, "V": 64, **kwargs})
     print(kwargs, {k: f"{v:.1e}" for k, v in err.items()})
     assert max(err.values()) <= TOL[dtype], err

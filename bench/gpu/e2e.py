@@ -165,8 +165,6 @@ def run(args) -> dict:
         compile_s[rules] = row["first_call_s"][rules] - row["median_s"][rules]
     result["compile_s"] = compile_s
     (args.out / "e2e.json").write_text(json.dumps(result, indent=1))  # kept if the decode part is stopped
-    torch._dynamo.reset()
-    converted = {rules: converted_copy(original, rules, "eager", kernels=kernels) for rules in args.rules}
     result["decode"] = decode_rows(original, converted, contexts, args.warmup, args.steps, device, dtype, log)
     small, large = (str(c) for c in (min(contexts), max(contexts)))
     result["decode_goals"] = {

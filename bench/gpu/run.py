@@ -170,9 +170,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="correctness,kernels,e2e")
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1),
                     help="parallel processes for tests and kernel compilation (GPU)")
-    ap.add_argument("--limit-tests", type=float, default=150.0, help="seconds for the correctness stage")
-    ap.add_argument("--limit-kernels", type=float, default=200.0, help="seconds for the kernel benchmark")
-    ap.add_argument("--limit-e2e", type=float, default=170.0, help="seconds for the end-to-end stage")
+    ap.add_argument("--limit-tests", type=float, default=180.0, help="seconds for the correctness stage")
+    ap.add_argument("--limit-kernels", type=float, default=160.0, help="seconds for the kernel benchmark")
+    ap.add_argument("--limit-e2e", type=float, default=200.0, help="seconds for the end-to-end stage")
     ap.add_argument("--scratch", default="/tmp/linearize_gpu_run", help="intermediate files (not returned)")
     args = ap.parse_args(argv)
     out = args.out
@@ -211,7 +211,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "bench/kernels.py", "--out", str(out), "--reps", "25"]
         cmd += ["--dry-run", "--tokens", "32"] if args.dry_run else [
             "--models", "Llama-3.2-1B", "H16-D128", "--seq", "1024", "2048", "4096", "8192", "16384", "32768",
-            "--tokens", "32768", "--precompile", str(args.workers), "--budget-s", str(args.limit_kernels * 0.35)]
+            "--tokens", "32768", "--precompile", str(args.workers),
+            "--precompile-limit-s", str(args.limit_kernels * 0.45), "--budget-s", str(args.limit_kernels * 0.3)]
         summary["stages"]["kernels"] = run_stage("kernels", cmd, out, args.limit_kernels, env)
         path = out / "kernels.json"
         kernels = json.loads(path.read_text()) if path.is_file() else None
