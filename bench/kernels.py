@@ -148,18 +148,21 @@ def make_contenders(B, HQ, HKV, T, D, dtype, device, available):
         from fla.ops.gla import chunk_gla
         from fla.ops.simple_gla import chunk_simple_gla
 
-        def rep(x):  # fla wants [B, T, H, D] with as many kv as query heads
+        def rep(x):  # fla wants [B, T, H, D] with as many kv as query heads: KV-side tensors are repeated
             return x.repeat_interleave(G, dim=1).transpose(1, 2).contiguous()
 
-        fq, fk, fv, fg = rep(feat_q), rep(feat_k), rep(v), rep(gate)
+        def qside(x):  # query-side tensors already have the query heads
+            return x.transpose(1, 2).contiguous()
+
+        fq, fk, fv, fg = qside(feat_q), rep(feat_k), rep(v), rep(gate)
         gs = (-F.softplus(k.float().mean(-1)) / 16).repeat_interleave(G, dim=1).transpose(1, 2).contiguous()
         c["fla_chunk_gla"] = (lambda q, k, v, g: chunk_gla(q, k, v, g, scale=1.0)[0], (fq, fk, fv, fg), "gla")
         c["fla_chunk_simple_gla"] = (lambda q, k, v, g: chunk_simple_gla(q, k, v, g, scale=1.0)[0],
-                                     (rep(q), rep(k), fv, gs), "gla")
+                                     (qside(q), rep(k), fv, gs), "gla")
         if available.get("flex"):
             def pair_ref(q, k, v, qr, kr):
                 swa = flex(qr, kr, v, block_mask=block_mask, scale=scale, enable_gqa=True)
-                fq_ = rep(q.float().softmax(-1).to(q.dtype))
+                fq_ = qside(q.float().softmax(-1).to(q.dtype))
                 fk_ = rep(k.float().softmax(-1).to(k.dtype))
                 g_ = rep(F.logsigmoid(k.float()) / 16)
                 lin = chunk_gla(fq_, fk_, rep(v), g_, scale=1.0)[0].transpose(1, 2)
@@ -297,21 +300,26 @@ def main(argv=None) -> int:
               if args.precompile and device == "cuda" else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, skipped, start = [], [], time.perf_counter()
+    rows, skipped, start, dead = [], [], time.perf_counter(), None
     for model, (HQ, HKV, D) in models.items():
         for T in seqs:
-            if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
-                skipped.append(f"{model} T={T}")
+            if dead or (args.budget_s is not None and time.perf_counter() - start > args.budget_s):
+                skipped.append(f"{model} T={T}" + (" (after a CUDA error)" if dead else ""))
                 continue
             batch = max(1, args.tokens // T) if args.tokens else args.batch
             contenders = make_contenders(batch, HQ, HKV, T, D, dtype, device, available)
             for backward in (False, True):
                 direction = "fwd+bwd" if backward else "fwd"
+                if dead:
+                    break
                 for name, (fn, fargs, kind) in contenders.items():
                     try:
                         ms = run_one(fn, fargs, backward, device, args.reps)
                     except Exception as exc:  # report, keep going
                         print(f"{model} T={T} {direction} {name}: failed: {type(exc).__name__}: {exc}")
+                        if "CUDA error" in str(exc) or "illegal" in str(exc):  # the context is dead from here
+                            dead = f"{model} T={T} {direction} {name}: {type(exc).__name__}: {str(exc)[:200]}"
+                            break
                         continue
                     tflops = flops(kind, batch, HQ, T, D, backward) / (ms * 1e-3) / 1e12
                     row = {"model": model, "T": T, "batch": batch, "direction": direction, "kernel": name, "ms": ms,
@@ -327,10 +335,13 @@ def main(argv=None) -> int:
     for line in result["summary_lines"]:
         print(line)
     if skipped:
-        print(f"skipped (time budget {args.budget_s} s): " + ", ".join(skipped))
-    wrote = [out / "kernels.json"] + ([out / "kernels.png"] if rows and plot(rows, out / "kernels.png", device_name) else [])
+        print(f"skipped (time budget {args.budget_s} s or a CUDA error): " + ", ".join(skipped))
+    if dead:
+        print(f"stopped after a CUDA error, which leaves the context unusable: {dead}")
+    png = out / "kernels.png"
+    wrote = [out / "kernels.json"] + ([png] if rows and plot(rows, png, device_name) else [])
     print("wrote " + " and ".join(map(str, wrote)))
-    return 0
+    return 1 if dead else 0
 
 
 def save(out: Path, rows, skipped, warmed, available, args, device_name, dtype, peak) -> dict:

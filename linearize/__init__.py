@@ -16,6 +16,18 @@ from .explain import Report, explain
 from .rewrite import RuleError, available as available_rules
 
 __version__ = "0.1.0"
+
+
+def _register_backend() -> None:
+    """backend="linearize" by name also where the package is not installed, e.g. a source checkout on PYTHONPATH
+    (the pyproject entry point then does not exist); where it is installed, the entry point already names it."""
+    import torch._dynamo
+
+    if "linearize" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(linearize_backend, name="linearize")
+
+
+_register_backend()
 __all__ = ["linearize_backend", "explain", "Report", "RuleError", "available_rules", "convert", "StateCache",
            "save_pretrained", "from_pretrained", "recover", "plan"]
 

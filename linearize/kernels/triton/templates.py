@@ -114,6 +114,16 @@ def _red(x):
 #else
     return tl.sum(x, 1, keep_dims=True)
 #endif
+
+
+@triton.jit
+def _cumsum_rows(x, REVERSE: tl.constexpr):
+    # cumulative sum down the rows of x [R, GK]. One gate channel: scanned as a vector, since Triton 3.6 fails to
+    # lower a scan over an [R, 1] tile (ScanOpToLLVM assertion on H100/H200).
+    if GK == 1:
+        return tl.expand_dims(tl.cumsum(tl.sum(x, 1), 0, reverse=REVERSE), 1)
+    else:
+        return tl.cumsum(x, 0, reverse=REVERSE)
 #if GATE_K
 
 
@@ -199,7 +209,7 @@ def states_fwd(k_ptr, v_ptr, g_ptr, h0_ptr, b_ptr, h_ptr, T, N, HKV,
         g = tl.zeros([C, GK], dtype=tl.float32)
 #endif
         g = tl.where(valid[:, None], tl.maximum(g, GATE_FLOOR), 0.0) * LOG2E
-        b = tl.cumsum(g, 0)
+        b = _cumsum_rows(g, False)
         if i_v == 0:
             tl.store(b_base + rows[:, None] * GK + rg[None, :], b)
         tl.store(h_base + n * HK * HV + rk[:, None] * HV + rv[None, :], h)
@@ -440,7 +450,7 @@ def chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, b_ptr, h_ptr, dh_ptr, dq_ptr, 
             tl.store(dq_ptr + i_bq.to(tl.int64) * T * HK + ri[:, None] * HK + rk[None, :],
                      _phi_vjp(qp, dQ, 1).to(dq_ptr.dtype.element_ty), mask=vi[:, None])
         dcum = qdq - _red(kf * dK)
-        dg = tl.cumsum(dcum, 0, reverse=True) + carry + end
+        dg = _cumsum_rows(dcum, True) + carry + end
         carry += tl.sum(dcum, 0, keep_dims=True)
         dkp = _phi_vjp(kp, dK, 1)
 #if GATE_K
