@@ -69,10 +69,10 @@ def _randn(*shape, gen):
 
 
 def _assert_launched(count, layers, inner):
-    """One launch per layer. On CUDA, Inductor traces the triton_op's body into its graph (the Python launcher
-    runs while compiling, not per call), so there the count only says the kernels were reached."""
-    if DEVICE == "cuda" and inner == "inductor":
-        assert count >= 1
+    """One launch per layer. On CUDA, AOTAutograd (aot_eager, inductor) traces the triton_op's body into its graph,
+    so the Python launcher also runs while compiling: there the count is at least one per layer."""
+    if DEVICE == "cuda" and inner != "eager":
+        assert count >= layers
     else:
         assert count == layers
 

@@ -190,9 +190,8 @@ def plot(result: dict, path: pathlib.Path) -> bool:
                  label=name)
         ax2.plot(contexts, [result["decode"][str(n)]["median_step_s"][name] * 1e3 for n in contexts], marker="o",
                  label=name)
-    token_axes((ax1, ax2), lengths, "prefill tokens")
-    ax2.set_xticks(contexts, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in contexts])
-    ax2.set_xlabel("context (tokens in the cache)")
+    token_axes((ax1,), lengths, "prefill tokens")
+    token_axes((ax2,), contexts, "context (tokens in the cache)")
     ax1.set_yscale("log")
     ax1.set_ylabel("ms (median)")
     ax1.set_title("prefill, batch 1")

@@ -91,8 +91,8 @@ def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: fl
         if out is not None:
             return out
     w_window, w_linear = mix
-    swa = window_attention(q, k, v, window=window, scale=window_scale, sinks=sinks)
-    gla = gla_attention(q_pre, k_pre, v, **gla_params)
+    swa = window_attention(q, k, v, window=window, scale=window_scale, sinks=sinks, kernels=kernels)
+    gla = gla_attention(q_pre, k_pre, v, kernels=kernels, **gla_params)
     return w_window * swa + w_linear * gla
 
 

@@ -229,6 +229,8 @@ def chunk_fwd(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, b_ptr, h_ptr, o_ptr, lse_ptr,
               BV: tl.constexpr):
     # Pass 2, parallel over (chunk, batch x query head, V block): per 16-row sub-chunk, the linear branch
     # (inter-chunk state + intra-chunk scores) and the window softmax, mixed in registers before the one store.
+    scale = tl.cast(scale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
+    wscale = tl.cast(wscale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
     i_n = tl.program_id(0)
     i_bq = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -315,6 +317,7 @@ STATES_BWD = """
 def states_bwd(q_ptr, do_ptr, b_ptr, dht_ptr, dh_ptr, dh0_ptr, T, N, HQ, HKV, dscale,
                HAS_DHT: tl.constexpr, BV: tl.constexpr):
     # Reverse pass over chunks: dh_ptr[n] = dL/d(state leaving chunk n), [B, Hkv, N, K, V] fp32; dh0 at the end.
+    dscale = tl.cast(dscale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
     i_v = tl.program_id(0)
     i_bk = tl.program_id(1)
     i_b = i_bk // HKV
@@ -362,6 +365,7 @@ def chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, b_ptr, h_ptr, dh_ptr, dq_ptr, 
     #   dv_j = (K_j e^(b_C - b_j)) dH + dscale * sum_{i>=j} A_ij do_i
     #   dlog g_t = sum_{i>=t} (sum_heads Q_i dQ_i - K_i dK_i) + sum_v dH * h_next   (all t in the chunk)
     # then through the feature map (dq, dk) and the gate function (dk, or dg for given gates).
+    dscale = tl.cast(dscale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
     i_n = tl.program_id(0)
     i_bk = tl.program_id(1)
     i_b = i_bk // HKV
@@ -477,6 +481,7 @@ WINDOW_BWD = """
 def window_bwd_dq(qw_ptr, kw_ptr, v_ptr, do_ptr, lse_ptr, dqw_ptr, delta_ptr, T, HQ, HKV, wscale):
     # Window branch, dq for one 16-row query block; first recomputes the window output to get
     # delta = rowsum(do_w * o_w) (stored for window_bwd_dkv). do_w = MIX_W * do.
+    wscale = tl.cast(wscale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
     i_t = tl.program_id(0)
     i_bq = tl.program_id(1)
     i_bk = (i_bq // HQ) * HKV + (i_bq % HQ) // G
@@ -514,6 +519,7 @@ def window_bwd_dkv(qw_ptr, kw_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkw_ptr, d
                    ACC_DV: tl.constexpr):
     # Window branch, dk and dv for one 16-row key block, summed over the query heads of its group and the
     # query blocks that see it. ACC_DV: add onto dv_ptr (the linear branch's dv, written before).
+    wscale = tl.cast(wscale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
     i_t = tl.program_id(0)
     i_bk = tl.program_id(1)
     i_b = i_bk // HKV
@@ -563,6 +569,7 @@ DECODE = """
 def decode(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, HQ, HKV, scale):
     # One token of the recurrence, state updated in place: h = diag(e^g) h + phi(k)^T v; o = scale * phi(q) h.
     # q [B, Hq, 1, K], k [B, Hkv, 1, K], v [B, Hkv, 1, V], h [B, Hkv, K, V] fp32, o [B, Hq, 1, V] (linear branch).
+    scale = tl.cast(scale, tl.float32)  # fp32 whatever the caller passes (Inductor: fp64)
     i_bk = tl.program_id(0)
     i_b = i_bk // HKV
     i_hk = i_bk % HKV
