@@ -246,3 +246,25 @@ def test_cli_emits_the_recipe_sources(tmp_path, capsys):
     compile(text, sources[0].name, "exec")
     assert (tmp_path / "index.json").is_file()
     assert "wrote 1 source(s)" in capsys.readouterr().out
+
+
+def test_generated_kernels_compile_for_a_gpu(tmp_path):
+    """Compiled Triton rejects code the interpreter runs (a static_range-derived index, scans over [R, 1] tiles in
+    Triton 3.6): compile every kernel of small specs for sm_90 ahead of time, which needs no GPU
+    (bench/gpu/preflight.py; a fresh process, since this one runs Triton in interpreter mode)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from linearize.kernels.triton.spec import KernelSpec  # noqa: F401  (the script imports it too)
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LINEARIZE_KERNEL_CACHE"] = str(tmp_path)
+    specs = ["small-liger-fp32", "small-scalar-bf16", "small-fixed-given-fp16", "small-given-scalar-fp32"]
+    proc = subprocess.run([sys.executable, "bench/gpu/preflight.py", "--specs", *specs], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if "No module named 'triton.backends.nvidia'" in proc.stderr:
+        pytest.skip("this triton build has no NVIDIA backend to compile with")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("kernels compiled") == len(specs)
