@@ -13,9 +13,9 @@ trace, so the same bodies are registered as opaque `torch.library.custom_op`s wi
 what CI exercises under torch.compile(fullgraph=True).
 
 `gla(...)` / `liger(...)` / `gla_step(...)` are what linearize/rewrite/replacements.py calls when
-`options={"kernels": ...}` selects
-Triton: they build the spec from the rule's parameters and the tensors, and return None (after one warning per
-reason) when the generated kernels cannot take the site, so the caller keeps the reference path.
+`options={"kernels": ...}` selects Triton: they build the spec from the rule's parameters and the tensors, and
+return None (after one warning per reason) when the generated kernels cannot take the site, so the caller keeps the
+reference path.
 """
 from __future__ import annotations
 

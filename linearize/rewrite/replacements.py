@@ -56,8 +56,9 @@ def gla_with_state(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, featur
                    normalize: bool, scale: float = 1.0, gate_lower_bound: float = 0.0, decay: float = 0.99,
                    valid=None, initial_state=None, kernels: str = "auto"):
     """`gla_attention` on the PyTorch path, continuing from `initial_state` [B, Hkv, F, Dv(+1)] (fp32) and
-    returning (o, final state). A one-token step runs the generated decode kernel where `kernels` selects Triton. Keys where `valid` [B, T] is False (padding) are skipped: their features and log
-    gates are zeroed, so the state passes them by unchanged."""
+    returning (o, final state). Keys where `valid` [B, T] is False (padding) are skipped: their features and log
+    gates are zeroed, so the state passes them by unchanged. A one-token step runs the generated decode kernel
+    where `kernels` selects Triton."""
     phi = FEATURE_MAPS[feature_map]
     qf, kf = phi(q_pre.float()), phi(k_pre.float())
     g = GATES[gate](k_pre.float(), normalizer=gate_normalizer, lower_bound=gate_lower_bound, decay=decay)

@@ -3,8 +3,8 @@ at a time, reading the layer's buffers and writing them back in place.
 
 The chunk is the current input (the prompt at prefill, one token per decode step), at positions pos0 .. pos0+T-1.
 Padding comes from transformers' mask over the cache's slots: the last query's row says which current keys are real
-(`key_validity`, read once per graph, since every layer shares the mask). Padded keys never enter a state or a ring (their keys, values and gates are zeroed, their ring positions are -1).
-The copies into the buffers are ordinary in-place ops on graph inputs; AOTAutograd functionalises them.
+(`key_validity`, read once per graph, since every layer shares the mask). Padded keys never enter a state or a
+ring (their keys, values and gates are zeroed, their ring positions are -1). The copies into the buffers are ordinary in-place ops on graph inputs; AOTAutograd functionalises them.
 `kernels=` selects the kernels as in the full-sequence replacements: the one-token GLA step runs the generated
 decode kernel where Triton is selected (CUDA under "auto"); the window ring and prefill chunks run PyTorch ops.
 """

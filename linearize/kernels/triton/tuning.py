@@ -3,9 +3,10 @@
 The generated modules decorate their heavy kernels with `autotuned` (those that only write their outputs: kernels
 that update a buffer in place, the decode step and the window dk/dv pass that adds onto dv, keep one config, since
 the autotuner would run them several times; so does the intra-chunk backward, whose fully unrolled sub-chunk loops
-take ~25 s to compile per config at chunk 64: tuning it would cost minutes per spec). The grid never depends on the config, so the launchers stay as they
-are. Key: the KV-head count (one tuning per spec and model shape, not per sequence length: a long prompt must not
-pay a tuning per length). Triton caches the choice on disk where it can (`cache_results`).
+take ~25 s to compile per config at chunk 64: tuning it would cost minutes per spec). The grid never depends on the
+config, so the launchers stay as they are. Key: the KV-head count (one tuning per spec and model shape, not per
+sequence length: a long prompt must not pay a tuning per length). Triton caches the choice on disk where it can
+(`cache_results`).
 
 On the interpreter (TRITON_INTERPRET=1, no GPU) and with LINEARIZE_TRITON_AUTOTUNE=0 only the first config exists,
 so nothing is timed: that is the config the CPU tests run.
