@@ -199,7 +199,9 @@ def precompile(models, seqs, tokens, workers: int, limit_s: float) -> list[dict]
     """Compile every contender's kernels in parallel processes (one per model shape and contender): Triton compiles
     in the launching process, one kernel at a time, and the fused backward alone takes ~25 s at chunk 64. Triton
     kernels are warmed at T = 1024 (the same integer specialisations, T and T / chunk divisible by 16, as every
-    timed length); flex_attention, compiled per shape by Inductor, at every timed (batch, T)."""
+    timed length); flex_attention, compiled per shape by Inductor, at every timed (batch, T). With
+    TRITON_CACHE_AUTOTUNING=1 (bench/gpu/run.py sets it) the autotuners' choices, fla's included (keyed by block
+    sizes and head dims, not T), are cached on disk too, so the timing process does not tune again."""
     import multiprocessing as mp
 
     names = ["ours_gla", "ours_gla_given", "ours_simple_gla", "ours_liger", "pair_ours", "fla_chunk_gla",
@@ -209,26 +211,36 @@ def precompile(models, seqs, tokens, workers: int, limit_s: float) -> list[dict]
              for n in ("flex_swa", "pair_ref")]
     t0 = time.perf_counter()
     pool = mp.get_context("spawn").Pool(workers)
-    pending = pool.starmap_async(_warm, jobs)
+    finished = pool.imap_unordered(_warm_job, jobs)
+    results = []
     try:
-        results = pending.get(timeout=limit_s)
+        for _ in jobs:
+            results.append(finished.next(timeout=max(0.1, t0 + limit_s - time.perf_counter())))
     except mp.TimeoutError:
-        print(f"precompile: not done after {limit_s:.0f} s; the timing compiles what is missing")
-        results = []
+        print(f"precompile: {len(jobs) - len(results)} of {len(jobs)} not done after {limit_s:.0f} s; the timing "
+              "compiles what is missing")
     finally:
         pool.terminate()
     out = [{"model": m, "kernel": n, "seconds": s, "error": e} for m, n, s, e in results]
     for r in out:
         if r["error"]:
             print(f"precompile {r['model']} {r['kernel']}: {r['error']}")
-    print(f"precompiled {len(jobs)} contender(s) in {time.perf_counter() - t0:.0f} s with {workers} processes")
+    print(f"precompiled {len(results)} of {len(jobs)} contender(s) in {time.perf_counter() - t0:.0f} s "
+          f"with {workers} processes")
     return out
+
+
+def _warm_job(job: tuple) -> tuple:
+    return _warm(*job)
 
 
 def run_one(fn, args, backward: bool, device: str, reps: int, warm_only: bool = False) -> float:
     if not backward:
         with torch.no_grad():
-            return 0.0 if warm_only and fn(*args) is not None else bench_fn(lambda: fn(*args), device, reps)
+            if warm_only:
+                fn(*args)
+                return 0.0
+            return bench_fn(lambda: fn(*args), device, reps)
     leaves = [a.detach().requires_grad_(a.is_floating_point()) for a in args]
     out = fn(*leaves)
     do = torch.randn_like(out)

@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         env.update(TRITON_INTERPRET="1", LINEARIZE_TEST_DEVICE="cpu")
         workers: list[str] = []
     else:
-        env.update(LINEARIZE_TEST_DEVICE="cuda")
+        env.update(LINEARIZE_TEST_DEVICE="cuda", TRITON_CACHE_AUTOTUNING="1")  # tunings shared across processes
         env.pop("TRITON_INTERPRET", None)
         have_xdist = subprocess.run([sys.executable, "-c", "import xdist"], capture_output=True).returncode == 0
         workers = ["-n", str(args.workers)] if have_xdist and args.workers > 1 else []
