@@ -83,7 +83,8 @@ def _compiled(model, rules, kernels, inner="inductor"):
                          options={"rules": rules, "inner": inner, "kernels": kernels})
 
 
-@pytest.mark.parametrize("rules,inner", [("liger", "inductor"), ("gla", "aot_eager"), ("swa", "aot_eager")])
+@pytest.mark.parametrize("rules,inner", [("liger", "inductor"), ("gla", "aot_eager"), ("swa", "aot_eager"),
+                                         ("liger-sinks", "aot_eager")])
 def test_fullgraph_logits_match_reference_kernels(rules, inner, launches):
     model = tiny_model("llama").to(DEVICE)
     ids = _ids(model)
@@ -149,8 +150,9 @@ def test_triton_dispatch_backend_serves_the_base_ops():
             dispatch.set_preference([backend])
             o, state = ops.gla(q, k, v, g, None, 0.5, 16)
             w = ops.window_attention(q, k, v, 0.25, 6)
-            grads = torch.autograd.grad((o.square().sum() + state.sum() + w.square().sum()), (q, k, v, g))
-            results[backend] = (o, state, w, *grads)
+            ws = ops.window_attention(q, k, v, 0.25, 6, 3)  # with 3 attention sinks
+            loss = o.square().sum() + state.sum() + w.square().sum() + ws.square().sum()
+            results[backend] = (o, state, w, ws, *torch.autograd.grad(loss, (q, k, v, g)))
     finally:
         dispatch.set_preference(old)
     for ref, out in zip(results["reference"], results["triton"]):

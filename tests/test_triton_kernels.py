@@ -58,7 +58,7 @@ def _reference_gate(gate, gate_fn, k, g, norm):
 
 def _case(*, B=1, hkv=2, G=1, T=40, K=16, V=32, C=32, fm="softmax", gate="vector", gate_fn="logsigmoid",
           window=None, mix=(0.5, 0.5), dtype=torch.float32, h0=False, dht=False, norm=16.0, seed=0,
-          k_scale=1.0, given=None):
+          k_scale=1.0, given=None, sinks=0):
     """Run the generated kernels and the naive reference; returns {name: rel_rmse} over outputs and grads."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -76,7 +76,8 @@ def _case(*, B=1, hkv=2, G=1, T=40, K=16, V=32, C=32, fm="softmax", gate="vector
         g = -torch.rand(hkv, generator=gen).to(DEVICE)
     h_init = torch.randn(B, hkv, K, V, generator=gen).to(DEVICE).requires_grad_() if h0 else None
     spec = KernelSpec(head_k=K, head_v=V, chunk=C, group=G, feature_map=fm, gate=gate, gate_fn=gate_fn,
-                      window=window, mix=mix, gate_normalizer=norm, dtype=str(dtype).replace("torch.", ""))
+                      window=window, mix=mix, gate_normalizer=norm, dtype=str(dtype).replace("torch.", ""),
+                      sinks=sinks)
     scale, wscale = 0.7, 0.3
     o, ht, lse = launch.forward(spec, q, k, v, qw, kw, g, h_init, scale, wscale)
 
@@ -86,7 +87,8 @@ def _case(*, B=1, hkv=2, G=1, T=40, K=16, V=32, C=32, fm="softmax", gate="vector
                            scale, None if h_init is None else h_init.double())
     ref = lin
     if window:
-        swa = naive_softmax_attention(qw.double(), kw.double(), v.double(), scale=wscale, window=window)
+        swa = naive_softmax_attention(qw.double(), kw.double(), v.double(), scale=wscale, window=window,
+                                      sink_tokens=sinks)
         ref = mix[0] * swa + mix[1] * lin
     err = {"o": rel_rmse(ref, o), "ht": rel_rmse(h_ref, ht)}
     for name, t in (("o", o), ("ht", ht)):
@@ -119,6 +121,9 @@ CASES = [
     ("gla-given-vector-identity-h0", dict(gate="vector", gate_fn="given", fm="identity", h0=True, dht=True)),
     ("liger-given-scalar-softmax-W40", dict(gate="scalar", gate_fn="given", window=40, mix=(0.3, 0.7))),
     ("liger-vector-K32-V16-C16-T50", dict(K=32, V=16, C=16, T=50, window=5, G=3, hkv=1)),
+    # attention sinks: the first keys stay visible past the window (sink block outside the window's blocks)
+    ("liger-sinks4-W8-C16-T70-G2", dict(window=8, sinks=4, C=16, T=70, G=2, hkv=1)),
+    ("liger-sinks16-W20-T60", dict(window=20, sinks=16, T=60)),
 ]
 
 
@@ -228,7 +233,8 @@ def test_cache_is_keyed_by_spec_and_loaded_lazily(tmp_path, monkeypatch):
     assert cache.stats["loaded"] == before["loaded"] + 2
 
 
-@pytest.mark.parametrize("bad", [dict(head_k=24), dict(head_v=8), dict(chunk=24), dict(mix_mode="shared")])
+@pytest.mark.parametrize("bad", [dict(head_k=24), dict(head_v=8), dict(chunk=24), dict(mix_mode="shared"),
+                                 dict(window=8, sinks=17), dict(sinks=4)])
 def test_unsupported_shapes_are_refused(bad):
     spec = KernelSpec(**{"head_k": 16, "head_v": 16, "chunk": 16, **bad})
     with pytest.raises(UnsupportedSpec):
@@ -261,7 +267,7 @@ def test_generated_kernels_compile_for_a_gpu(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["LINEARIZE_KERNEL_CACHE"] = str(tmp_path)
-    specs = ["small-liger-fp32", "small-scalar-bf16", "small-fixed-given-fp16", "small-given-scalar-fp32"]
+    specs = ["small-liger-fp32", "small-scalar-bf16", "small-fixed-given-fp16", "small-given-scalar-sinks-fp32"]
     proc = subprocess.run([sys.executable, "bench/gpu/preflight.py", "--specs", *specs], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=600)
     if "No module named 'triton.backends.nvidia'" in proc.stderr:

@@ -4,8 +4,8 @@
     python bench/gpu/e2e.py --dry-run --out OUT       # CPU, Triton interpreter, a tiny config: checks the script
 
 Real weights cannot travel to the GPU machine, so the model is random (speed does not depend on the values).
-Rows: the original (transformers, SDPA attention: flash on the GPU) and each rule set (`--rules`, default liger and
-gla) converted by `linearize.convert(copy, rules, inner="eager")`: Dynamo captures the model, the passes rewrite
+Rows: the original (transformers, SDPA attention: flash on the GPU) and each rule set (`--rules`, default liger,
+liger-sinks (the default recipe) and gla) converted by `linearize.convert(copy, rules, inner="eager")`: Dynamo captures the model, the passes rewrite
 every attention site, and the rewritten graph runs op by op with the generated Triton kernels (kernels="auto":
 Triton on CUDA; the decode step's linear branch runs the generated decode kernel). Inductor is not used, so the
 comparison is of the attention, not of a compiler, and the compile time is Dynamo + our passes alone.
@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768])
-    ap.add_argument("--rules", nargs="+", default=["liger", "gla"])
+    ap.add_argument("--rules", nargs="+", default=["liger", "liger-sinks", "gla"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)

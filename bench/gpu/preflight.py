@@ -33,6 +33,7 @@ def _shapes(**kw):
 
 SPECS = {  # what bench/gpu/run.py launches: the benchmark's contenders, the e2e recipes, the decode step
     "liger-d64-bf16": KernelSpec(window=64, **_shapes()),
+    "liger-sinks-d64-bf16": KernelSpec(window=64, sinks=4, **_shapes()),  # the default recipe, liger-sinks
     "gla-d64-bf16": KernelSpec(**_shapes()),
     "given-d64-bf16": KernelSpec(gate_fn="given", feature_map="identity", **_shapes()),
     "simple-d64-bf16": KernelSpec(gate="scalar", gate_fn="neg_softplus", **_shapes()),
@@ -47,7 +48,8 @@ SMALL = {  # seconds each: what the test suite compiles (every template branch t
                                     head_v=16, dtype="bfloat16"),
     "small-fixed-given-fp16": KernelSpec(gate="fixed", feature_map="elu+1", chunk=16, head_k=16, head_v=16,
                                          dtype="float16"),
-    "small-given-scalar-fp32": KernelSpec(gate="scalar", gate_fn="given", window=4, chunk=16, head_k=16, head_v=16),
+    "small-given-scalar-sinks-fp32": KernelSpec(gate="scalar", gate_fn="given", window=4, sinks=2, chunk=16,
+                                                head_k=16, head_v=16),
 }
 
 

@@ -12,7 +12,8 @@ Stages (each a subprocess with its own time limit, its output appended to OUT/ru
      stages then run untuned). Failures stop the run here unless --keep-going.
   2. kernels: bench/kernels.py, bf16, B*T = 32k tokens at T = 1k..32k, heads 32/8 x 64 and 16/4 x 128,
      every contender compiled first in parallel processes; ratios, TFLOP/s, crossover, JSON + PNG.
-  3. e2e: bench/gpu/e2e.py, a random ~1B Llama, prefill 4k/16k/32k and decode at 1k/32k, original vs liger vs gla.
+  3. e2e: bench/gpu/e2e.py, a random ~1B Llama, prefill 4k/16k/32k and decode at 1k/32k, original vs liger,
+     liger-sinks (the default recipe) and gla.
 Writes OUT/summary.json and OUT/summary.md (the goals of issue 15, met or not), kernels.{json,png},
 e2e.{json,png}, run.log: 7 files, well under the 16 MiB that may come back from the machine.
 """

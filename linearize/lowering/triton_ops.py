@@ -253,15 +253,16 @@ def rule_spec(rewrite: str, params: dict, *, head_k: int, head_v: int, group: in
     shapes = dict(head_v=head_v, group=group, dtype=dtype)
     try:
         if rewrite == "swa":
-            spec = KernelSpec(linear=False, window=int(params["window"]), chunk=16, head_k=head_k, **shapes)
+            spec = KernelSpec(linear=False, window=int(params["window"]), sinks=int(params.get("sinks", 0)),
+                              chunk=16, head_k=head_k, **shapes)
         elif rewrite in ("gla", "liger"):
             if params.get("normalize"):
                 return "normalize: true (the denominator column) is not generated"
             fields, fused = linear_spec_fields(params["gate"], params["gate_normalizer"], params["feature_map"],
                                                params.get("gate_lower_bound", 0.0))
             width = head_k * (2 if params["feature_map"] == "hedgehog" else 1)
-            extra = {"window": int(params["window"]), "mix": tuple(float(x) for x in params["mix"])} \
-                if rewrite == "liger" else {}
+            extra = {"window": int(params["window"]), "mix": tuple(float(x) for x in params["mix"]),
+                     "sinks": int(params.get("sinks", 0))} if rewrite == "liger" else {}
             spec = KernelSpec(chunk=int(params["chunk_size"]), scale=float(params.get("scale", 1.0)),
                               head_k=width, **fields, **extra, **shapes)
         elif rewrite == "lolcats":
@@ -308,7 +309,8 @@ def gla(q_pre: Tensor, k_pre: Tensor, v: Tensor, *, gate: str, gate_normalizer: 
 
 def liger(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, *, window: int, mix, window_scale: float,
           gate: str, gate_normalizer: float, feature_map: str, chunk_size: int, normalize: bool,
-          scale: float = 1.0, gate_lower_bound: float = 0.0, decay: float = 0.99) -> Optional[Tensor]:
+          scale: float = 1.0, gate_lower_bound: float = 0.0, decay: float = 0.99, sinks: int = 0
+          ) -> Optional[Tensor]:
     """Liger site (mix[0] * window softmax + mix[1] * GLA) as one fused kernel, or None."""
     if normalize:
         warn_once("normalize: true (the denominator column) is not generated")
@@ -318,7 +320,7 @@ def liger(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, *, wind
     if q.shape != ql.shape or k.shape != kl.shape or q.dtype != ql.dtype:
         warn_once("window and linear branches have different shapes or dtypes")
         return None
-    spec = _build(ql, kl, v, chunk=chunk_size, scale=float(scale), window=int(window),
+    spec = _build(ql, kl, v, chunk=chunk_size, scale=float(scale), window=int(window), sinks=int(sinks),
                   mix=tuple(float(x) for x in mix), **fields)
     if spec is None:
         return None
@@ -341,9 +343,9 @@ def gla_step(qf: Tensor, kf: Tensor, vf: Tensor, g: Tensor, state: Tensor, scale
     return o, new
 
 
-def swa(q: Tensor, k: Tensor, v: Tensor, *, window: int, scale: float) -> Optional[Tensor]:
-    """Sliding-window softmax attention through the generated window kernel, or None."""
-    spec = _build(q, k, v, linear=False, window=int(window), chunk=16)
+def swa(q: Tensor, k: Tensor, v: Tensor, *, window: int, scale: float, sinks: int = 0) -> Optional[Tensor]:
+    """Sliding-window softmax attention (with `sinks` first keys) through the generated window kernel, or None."""
+    spec = _build(q, k, v, linear=False, window=int(window), sinks=int(sinks), chunk=16)
     if spec is None:
         return None
     o, _, _ = attention(q, k, v, q, k, None, None, spec.to_json(), 1.0, float(scale))
@@ -382,9 +384,12 @@ def _dispatch_gla_bwd(do, dht, q, k, v, g, initial_state, scale, chunk_size):
     return dq, dk, dv, dg.to(g.dtype), dh0
 
 
+def _window_spec(q, k, v, window_size, sink_tokens):
+    return _build(q, k, v, linear=False, window=int(window_size), sinks=int(sink_tokens), chunk=16)
+
+
 def _dispatch_window_fwd(q, k, v, scale, window_size, sink_tokens=0):
-    # attention sinks are not in the generated kernels yet: the next backend (PyTorch) takes those
-    spec = None if sink_tokens else _build(q, k, v, linear=False, window=int(window_size), chunk=16)
+    spec = _window_spec(q, k, v, window_size, sink_tokens)
     if spec is None:
         return dispatch.kernels_after("window_attention", "triton", q.device.type).forward(q, k, v, scale,
                                                                                           window_size, sink_tokens)
@@ -394,7 +399,7 @@ def _dispatch_window_fwd(q, k, v, scale, window_size, sink_tokens=0):
 
 
 def _dispatch_window_bwd(do, q, k, v, scale, window_size, sink_tokens=0):
-    spec = None if sink_tokens else _build(q, k, v, linear=False, window=int(window_size), chunk=16)
+    spec = _window_spec(q, k, v, window_size, sink_tokens)
     if spec is None:
         return dispatch.kernels_after("window_attention", "triton", q.device.type).backward(
             do, q, k, v, scale, window_size, sink_tokens)

@@ -26,9 +26,9 @@ def softmax_attention(q, k, v, attn_mask, *, scale: float, is_causal: bool, soft
 
 def window_attention(q, k, v, *, window: int, scale: float, sinks: int = 0, kernels: str = "auto"):
     """Causal sliding-window softmax attention over the last `window` tokens (inclusive) and the first `sinks`
-    tokens (attention sinks; the generated Triton kernels do not have them yet, so those run on PyTorch)."""
-    if not sinks and _triton.use_triton(kernels, q.device):
-        out = _triton.swa(q, k, v, window=window, scale=scale)
+    tokens (attention sinks; the generated Triton kernels take up to 16)."""
+    if _triton.use_triton(kernels, q.device):
+        out = _triton.swa(q, k, v, window=window, scale=scale, sinks=sinks)
         if out is not None:
             return out
     return torch.ops.linearize.window_attention(q, k, v, scale, window, sinks)
@@ -86,9 +86,10 @@ def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: fl
     """Liger attention: mix[0] * window softmax (RoPE'd q, k; with `sinks` first tokens) + mix[1] * gated linear
     (pre-RoPE q, k).
 
-    With generated kernels (and no sinks) both branches run in one fused Triton kernel (mixed before the store)."""
-    if not sinks and _triton.use_triton(kernels, v.device):
-        out = _triton.liger(q, k, v, q_pre, k_pre, window=window, mix=mix, window_scale=window_scale, **gla_params)
+    With generated kernels both branches run in one fused Triton kernel (mixed before the store)."""
+    if _triton.use_triton(kernels, v.device):
+        out = _triton.liger(q, k, v, q_pre, k_pre, window=window, mix=mix, window_scale=window_scale, sinks=sinks,
+                            **gla_params)
         if out is not None:
             return out
     w_window, w_linear = mix

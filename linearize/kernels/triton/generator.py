@@ -45,8 +45,8 @@ def values(spec: KernelSpec) -> dict[str, str]:
         "GATE": spec.gate if spec.linear else "-",
         "GATE_EXPR": spec.gate_expression() if spec.linear else "-",
         "FEATURE_MAP": spec.feature_map if spec.linear else "-",
-        "WINDOW_DESC": (f"{spec.window} tokens, mix {float(w_mix):g}*swa + {float(l_mix):g}*gla"
-                        if spec.has_window else "none"),
+        "WINDOW_DESC": (f"{spec.window} tokens" + (f" + {spec.sinks} sinks" if spec.sinks else "")
+                        + f", mix {float(w_mix):g}*swa + {float(l_mix):g}*gla" if spec.has_window else "none"),
         "HEAD_K": str(spec.head_k),
         "HEAD_V": str(spec.head_v),
         "GK": str(spec.gate_channels),
@@ -55,6 +55,7 @@ def values(spec: KernelSpec) -> dict[str, str]:
         "NSUB": str(spec.chunk // spec.sub_chunk),
         "GROUP": str(spec.group),
         "WINDOW": str(window),
+        "SINKS": str(spec.sinks if spec.has_window else 0),
         "MIX_W": repr(float(w_mix)),
         "MIX_L": repr(float(l_mix)),
         "GATE_NORM": repr(float(spec.gate_normalizer)),

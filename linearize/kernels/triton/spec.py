@@ -29,7 +29,7 @@ MIX_MODES = ("sum", "shared")
 DTYPES = ("float32", "float16", "bfloat16")
 SUB_CHUNK = 16
 # Generator version: bump when templates change so stale cached sources are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 class UnsupportedSpec(ValueError):
@@ -47,6 +47,7 @@ class KernelSpec:
     scale: float = 1.0  # linear-branch scale (o = scale * q S)
     # window branch (sliding-window softmax on separate, usually RoPE'd, q and k)
     window: Optional[int] = None
+    sinks: int = 0  # attention sinks: the first `sinks` keys stay visible to every query of the window branch
     mix: tuple = (0.5, 0.5)  # (window weight, linear weight); both branches are mixed before the store
     mix_mode: str = "sum"  # "sum": w0*swa + w1*gla; "shared": one normaliser over both (not generated yet)
     causal: bool = True
@@ -114,6 +115,8 @@ class KernelSpec:
             raise UnsupportedSpec("mix_mode 'shared' (one normaliser over both branches) is not generated yet")
         if self.has_window and self.window < 1:
             raise UnsupportedSpec(f"window {self.window} must be >= 1")
+        if self.sinks and (not self.has_window or not 0 < self.sinks <= SUB_CHUNK):
+            raise UnsupportedSpec(f"sinks {self.sinks}: the generated kernels take 1..{SUB_CHUNK} sinks, with a window")
         if not self.causal:
             raise UnsupportedSpec("only causal kernels are generated")
 
@@ -147,7 +150,7 @@ class KernelSpec:
             gate = self.gate if self.gate in ("none", "fixed") else f"{self.gate}-{self.gate_fn}"
             parts.append(f"gla-{gate}-{self.feature_map}".replace("+", "p"))
         if self.has_window:
-            parts.append(f"swa{self.window}")
+            parts.append(f"swa{self.window}" + (f"s{self.sinks}" if self.sinks else ""))
         parts.append(f"c{self.chunk}-k{self.head_k}-v{self.head_v}-g{self.group}-{self.dtype}")
         return "_".join(parts)
 

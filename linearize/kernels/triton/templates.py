@@ -30,6 +30,7 @@ S = tl.constexpr(@SUB@)
 NS = tl.constexpr(@NSUB@)
 G = tl.constexpr(@GROUP@)
 W = tl.constexpr(@WINDOW@)
+NSINK = tl.constexpr(@SINKS@)  # attention sinks: the first NSINK keys stay visible to every query (all in block 0)
 MIX_W = tl.constexpr(@MIX_W@)
 MIX_L = tl.constexpr(@MIX_L@)
 GATE_NORM = tl.constexpr(@GATE_NORM@)
@@ -92,8 +93,17 @@ def _phi_vjp(x, dy, AX: tl.constexpr):
 def _window_scores(qw, kw, ri, rj, ok, wscale):
     # window scores in log2 units of query rows ri against key rows rj; -inf outside the causal window or where
     # not ok (keys or queries past T)
-    seen = (rj[None, :] <= ri[:, None]) & (rj[None, :] > ri[:, None] - W) & ok
+    seen = (rj[None, :] <= ri[:, None]) & ((rj[None, :] > ri[:, None] - W) | (rj[None, :] < NSINK)) & ok
     return tl.where(seen, _dot(qw, tl.trans(kw)) * (wscale * LOG2E), float("-inf"))
+
+
+@triton.jit
+def _first_block(lo):
+    # the window's key blocks are lo .. (query block); with sinks outside them, one step more: key block 0 first
+    if NSINK > 0:
+        return tl.where(lo > 0, lo - 1, lo)
+    else:
+        return lo
 
 
 @triton.jit
@@ -286,7 +296,9 @@ def chunk_fwd(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, b_ptr, h_ptr, o_ptr, lse_ptr,
         m = tl.full([S], float("-inf"), dtype=tl.float32)
         l = tl.zeros([S], dtype=tl.float32)
         aw = tl.zeros([S, BV], dtype=tl.float32)
-        for jb in range(tl.maximum(i0 - W + 1, 0) // S, i0 // S + 1):
+        lo = tl.maximum(i0 - W + 1, 0) // S
+        for it in range(_first_block(lo), i0 // S + 1):
+            jb = tl.where(it < lo, 0, it)  # one step before the window: key block 0, the sinks
             kw, vw, s = _window_block(qw, kw_base, v_base, ri, jb, T, wscale, rk, rv)
             m_new = tl.maximum(m, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -499,13 +511,15 @@ def window_bwd_dq(qw_ptr, kw_ptr, v_ptr, do_ptr, lse_ptr, dqw_ptr, delta_ptr, T,
     lse = tl.load(lse_ptr + i_bq.to(tl.int64) * T + ri, mask=vi, other=0.0)
     lo = tl.maximum(i_t * S - W + 1, 0) // S
     ow = tl.zeros([S, HV], dtype=tl.float32)
-    for jb in range(lo, i_t + 1):
+    for it in range(_first_block(lo), i_t + 1):
+        jb = tl.where(it < lo, 0, it)
         kw, vw, s = _window_block(qw, kw_base, v_base, ri, jb, T, wscale, rk, rv)
         ow += _dot(tl.exp2(s - lse[:, None]), vw)
     delta = tl.sum(do * ow, 1)
     tl.store(delta_ptr + i_bq.to(tl.int64) * T + ri, delta, mask=vi)
     dq = tl.zeros([S, HK], dtype=tl.float32)
-    for jb in range(lo, i_t + 1):
+    for it in range(_first_block(lo), i_t + 1):
+        jb = tl.where(it < lo, 0, it)
         kw, vw, s = _window_block(qw, kw_base, v_base, ri, jb, T, wscale, rk, rv)
         p = tl.exp2(s - lse[:, None])
         ds = p * (_dot(do, tl.trans(vw)) - delta[:, None])
@@ -536,6 +550,9 @@ def window_bwd_dkv(qw_ptr, kw_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkw_ptr, d
     dk = tl.zeros([S, HK], dtype=tl.float32)
     dv = tl.zeros([S, HV], dtype=tl.float32)
     hi = tl.minimum(i_t * S + S - 1 + W - 1, T - 1) // S
+    if NSINK > 0:
+        if i_t == 0:  # the sinks: every query block sees them (this program walks the whole sequence)
+            hi = (T - 1) // S
     for hg in range(G):
         i_bq = i_b * HQ + i_hk * G + hg
         for ib in range(i_t, hi + 1):
