@@ -23,10 +23,10 @@ def test_gpu_script_dry_run(tmp_path):
     assert files == ["e2e.json", "e2e.png", "kernels.json", "kernels.png", "run.log", "summary.json", "summary.md"]
     summary = json.loads((out / "summary.json").read_text())
     assert all(stage["rc"] == 0 for stage in summary["stages"].values()), summary["stages"]
-    assert summary["stages"]["correctness"]["tests"] >= 3 and not summary["stages"]["correctness"]["failed"]
+    assert summary["stages"]["correctness"]["tests"] >= 2 and not summary["stages"]["correctness"]["failed"]
     kernels = json.loads((out / "kernels.json").read_text())
     assert {r["kernel"] for r in kernels["rows"]} >= {"ours_gla", "ours_liger", "pair_ours"}
     e2e = json.loads((out / "e2e.json").read_text())
-    assert set(e2e["prefill"]["32"]["median_s"]) == {"original", "liger", "liger-sinks", "gla"}
+    assert set(e2e["prefill"]["32"]["median_s"]) == {"original", "liger-sinks", "gla"}
     assert all(all(row["logits_finite"].values()) for row in e2e["decode"].values())
     assert "decode step at 32k within 1.1x" in (out / "summary.md").read_text()
