@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 import time
@@ -77,9 +76,9 @@ def correctness(args, out: pathlib.Path, env: dict, workers: list[str]) -> dict:
     stage["tests"], stage["failed"] = junit_failures(report)
     if stage["failed"] and env.get("LINEARIZE_TRITON_AUTOTUNE", "1") != "0":
         untuned = {**env, "LINEARIZE_TRITON_AUTOTUNE": "0"}
-        ids = [f for f in stage["failed"] if "::" in f and not f.startswith("<")]
+        ids = [_node_id(f) for f in stage["failed"] if "::" in f and not f.startswith("<")]
         rerun = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", f"--junitxml={report}",
-                 *workers, *TEST_FILES, "-k", " or ".join(_test_name(i) for i in ids) or "nothing"]
+                 *workers, *(ids or TEST_FILES)]
         again = run_stage("correctness (autotuning off, failed tests only)", rerun, out, args.limit_tests, untuned)
         again["tests"], again["failed"] = junit_failures(report)
         stage["untuned_rerun"] = again
@@ -87,10 +86,10 @@ def correctness(args, out: pathlib.Path, env: dict, workers: list[str]) -> dict:
     return stage
 
 
-def _test_name(node: str) -> str:
-    """A -k expression for one junit test name (parametrised ids need their brackets removed)."""
-    name = node.split("::")[-1]
-    return re.sub(r"[^\w]+", " and ", name.replace("[", " ").replace("]", " ")).strip(" and")
+def _node_id(failed: str) -> str:
+    """pytest's node id of a junit entry ("tests.test_x::test_y[p]" -> "tests/test_x.py::test_y[p]")."""
+    module, name = failed.split("::", 1)
+    return module.replace(".", "/") + ".py::" + name
 
 
 def goals(summary: dict, kernels: dict | None, e2e: dict | None) -> dict:
