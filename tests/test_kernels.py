@@ -273,6 +273,22 @@ def test_attention_matches_sdpa(case):
         assert dead.any() and (o.masked_select(dead[..., None]) == 0).all()
 
 
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+@pytest.mark.parametrize("sinks", [False, True])
+def test_attention_in_query_blocks_equals_one_block(case, sinks, monkeypatch):
+    """Long inputs run in blocks of query rows (bounded memory at 16k tokens): each block must see its own rows of
+    the mask, the causal diagonal and per-row sinks."""
+    from linearize.kernels import softmax
+    q, k, v, mask, causal = _attention_case(case)
+    sink = torch.randn(1, q.shape[1], q.shape[2], 1) if sinks else None
+    whole = attention_fwd(q, k, v, mask, 0.35, causal, sinks=sink)
+    monkeypatch.setattr(softmax, "SCORE_BLOCK_ELEMENTS", q.shape[0] * q.shape[1] * k.shape[2] * 2)  # 2 rows a block
+    blocks = attention_fwd(q, k, v, mask, 0.35, causal, sinks=sink)
+    assert q.shape[2] > 2
+    for got, want in zip(blocks, whole):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_attention_and_window_keep_input_dtype(dtype):
     q, k, v = (torch.randn(1, 5, 2, 8).transpose(1, 2).to(dtype) for _ in range(3))

@@ -26,9 +26,10 @@ def _grouped_mask(mask: Tensor, hq: int, hkv: int) -> Tensor:
 
 
 def _masked_scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float | None,
-                   is_causal: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor, float, Tensor | None]:
+                   is_causal: bool, softcap: float = 0.0, row0: int = 0) -> tuple[Tensor, Tensor, float, Tensor | None]:
     """Scores [B, Hkv, G, L, S] with -inf where a key is hidden; also q grouped, the scale, and (with soft-capping)
-    tanh of the capped scores, which the backward needs."""
+    tanh of the capped scores, which the backward needs. `row0`: q holds the query rows from row0 on (the mask
+    is given for all rows)."""
     acc = acc_dtype(q)
     batch, hq, q_len, head_dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[-2]
@@ -42,15 +43,20 @@ def _masked_scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float 
         tanh = torch.tanh(scores / softcap)
         scores = softcap * tanh
     if attn_mask is not None:
-        mask = _grouped_mask(attn_mask, hq, hkv)
+        mask = _grouped_mask(_rows(attn_mask, row0, q_len), hq, hkv)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.to(acc)
     if is_causal:
-        hidden = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).triu(1)
+        hidden = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).triu(1 + row0)
         scores = scores.masked_fill(hidden, float("-inf"))
     return scores, grouped_q, scale, tanh
+
+
+def _rows(t: Tensor, row0: int, n: int) -> Tensor:
+    """Rows row0..row0+n of a tensor broadcastable to [..., L, X] (unchanged where L broadcasts)."""
+    return t if t.dim() < 2 or t.shape[-2] == 1 else t[..., row0:row0 + n, :]
 
 
 def _grouped_sinks(sinks: Tensor | None, q: Tensor, hkv: int, acc: torch.dtype) -> Tensor | None:
@@ -73,15 +79,34 @@ def _row_stats(scores: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
     return row_max, total
 
 
+# Query rows per block of the forward: the score matrix of one block stays under this many elements (at 16k
+# tokens the whole matrix of one SmolLM2 layer is ~10 GB in fp32, and masking and exp copy it).
+SCORE_BLOCK_ELEMENTS = 1 << 26
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                   scale: float | None = None, is_causal: bool = False, softcap: float = 0.0,
                   sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Returns (o [B, Hq, L, Dv] in q.dtype, lse [B, Hq, L] in fp32/fp64).
 
     `sinks` ([Hq] logits broadcastable to [B, Hq, L, 1]) join each row's softmax denominator with a zero value
-    vector (gpt-oss attention sinks).
+    vector (gpt-oss attention sinks). Long inputs are computed in blocks of query rows (rows are independent:
+    the same numbers, bounded memory).
     """
-    scores, _, _, _ = _masked_scores(q, k, attn_mask, scale, is_causal, softcap)
+    batch, hq, q_len = q.shape[:3]
+    rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, batch * hq * k.shape[-2]))
+    if q_len <= rows:
+        return _attention_rows(q, k, v, attn_mask, scale, is_causal, softcap, sinks, 0)
+    parts = [_attention_rows(q[:, :, r:r + rows], k, v, attn_mask, scale, is_causal, softcap, sinks, r)
+             for r in range(0, q_len, rows)]
+    return torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 2)
+
+
+def _attention_rows(q, k, v, attn_mask, scale, is_causal, softcap, sinks, row0):
+    """attention_fwd for the query rows row0.. held in q."""
+    scores, _, _, _ = _masked_scores(q, k, attn_mask, scale, is_causal, softcap, row0)
+    if sinks is not None and sinks.dim() == 4:  # per-row sinks [B, Hq, L, 1]
+        sinks = _rows(sinks, row0, q.shape[2])
     sink = _grouped_sinks(sinks, q, k.shape[1], scores.dtype)
     # Normalise after the value product, as SDPA's CPU kernel does: same math, and the rounding order that
     # makes `exact` reproduce a model's logits most closely.
