@@ -102,6 +102,7 @@ def make_contenders(B, HQ, HKV, T, D, dtype, device, available):
     simple_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=CHUNK, dtype=dt, gate="scalar",
                              gate_fn="neg_softplus").to_json()
     liger_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=CHUNK, dtype=dt, window=WINDOW).to_json()
+    sinks_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=CHUNK, dtype=dt, window=WINDOW, sinks=4).to_json()
     swa_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=16, dtype=dt, linear=False, window=WINDOW).to_json()
     scale = 1.0 / math.sqrt(D)
     feat_q, feat_k = q.float().softmax(-1).to(dtype), k.float().softmax(-1).to(dtype)
@@ -116,6 +117,8 @@ def make_contenders(B, HQ, HKV, T, D, dtype, device, available):
                                                                  1.0)[0], (q, k, v), "gla")
     c["ours_liger"] = (lambda q, k, v, qr, kr: ops.triton_attention(q, k, v, qr, kr, None, None, liger_spec, 1.0,
                                                                     scale)[0], (q, k, v, qr, kr), "liger")
+    c["ours_liger_sinks"] = (lambda q, k, v, qr, kr: ops.triton_attention(q, k, v, qr, kr, None, None, sinks_spec,
+                                                                          1.0, scale)[0], (q, k, v, qr, kr), "liger")
 
     def pair_ours(q, k, v, qr, kr):
         swa = ops.triton_attention(qr, kr, v, qr, kr, None, None, swa_spec, 1.0, scale)[0]
@@ -204,7 +207,8 @@ def precompile(models, seqs, tokens, workers: int, limit_s: float) -> list[dict]
     sizes and head dims, not T), are cached on disk too, so the timing process does not tune again."""
     import multiprocessing as mp
 
-    names = ["ours_gla", "ours_gla_given", "ours_simple_gla", "ours_liger", "pair_ours", "fla_chunk_gla",
+    names = ["ours_gla", "ours_gla_given", "ours_simple_gla", "ours_liger", "ours_liger_sinks", "pair_ours",
+             "fla_chunk_gla",
              "fla_chunk_simple_gla", "sdpa_flash"]
     jobs = [(m, n, 1024, 1) for m in models for n in names]
     jobs += [(m, n, T, max(1, tokens // T) if tokens else 1) for m in models for T in seqs
@@ -232,6 +236,32 @@ def precompile(models, seqs, tokens, workers: int, limit_s: float) -> list[dict]
 
 def _warm_job(job: tuple) -> tuple:
     return _warm(*job)
+
+
+def profile_kernels(contenders: dict, names: list[str], reps: int = 3) -> dict:
+    """GPU time per launched kernel (name -> ms per call, summed over launches) for a few contenders, forward and
+    forward+backward: where the time of our ops goes, which the row timings alone do not say."""
+    from torch.profiler import ProfilerActivity, profile
+
+    result = {}
+    for name in names:
+        if name not in contenders:
+            continue
+        fn, fargs, _ = contenders[name]
+        for backward in (False, True):
+            run_one(fn, fargs, backward, "cuda", 1, warm_only=True)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    run_one(fn, fargs, backward, "cuda", 1, warm_only=True)
+                torch.cuda.synchronize()
+            times = {}
+            for ev in prof.key_averages():
+                us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+                if us:
+                    times[ev.key[:80]] = round(us / reps / 1e3, 4)
+            result[f"{name} {'fwd+bwd' if backward else 'fwd'}"] = dict(sorted(times.items(), key=lambda kv: -kv[1])[:12])
+    return result
 
 
 def run_one(fn, args, backward: bool, device: str, reps: int, warm_only: bool = False) -> float:
@@ -271,6 +301,8 @@ def main(argv=None) -> int:
                         help="stop waiting for the precompile processes after this many seconds")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting new (model, T) rows after this many seconds; the rest is listed as skipped")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU: per-kernel time of our GLA and Liger ops at the first T of each model (JSON)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU + Triton interpreter, tiny shapes, fp32: checks the script, timings meaningless")
     args = parser.parse_args(argv)
@@ -313,6 +345,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, skipped, start, dead = [], [], time.perf_counter(), None
+    profiles = {}
     for model, (HQ, HKV, D) in models.items():
         for T in seqs:
             if dead or (args.budget_s is not None and time.perf_counter() - start > args.budget_s):
@@ -338,12 +371,20 @@ def main(argv=None) -> int:
                            "tflops": tflops, "peak_fraction": tflops / peak if peak else None}
                     rows.append(row)
                     print(f"{model:13s} T={T:6d} {direction:8s} {name:21s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s")
+            if args.profile and device == "cuda" and not dead and model not in profiles:
+                try:
+                    profiles[model] = {"T": T, "batch": batch, "ms_per_call": profile_kernels(
+                        contenders, ["ours_gla_given", "ours_liger", "ours_liger_sinks", "fla_chunk_gla"])}
+                except Exception as exc:  # a profile is extra: report, keep going
+                    print(f"profile {model}: failed: {type(exc).__name__}: {exc}")
+                for key, times in profiles.get(model, {}).get("ms_per_call", {}).items():
+                    print(f"profile {model} T={T} {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
             del contenders
             if device == "cuda":
                 torch.cuda.empty_cache()
-            save(out, rows, skipped, warmed, available, args, device_name, dtype, peak)  # a killed run keeps these
+            save(out, rows, skipped, warmed, available, args, device_name, dtype, peak, profiles)  # a killed run keeps these
 
-    result = save(out, rows, skipped, warmed, available, args, device_name, dtype, peak)
+    result = save(out, rows, skipped, warmed, available, args, device_name, dtype, peak, profiles)
     for line in result["summary_lines"]:
         print(line)
     if skipped:
@@ -356,14 +397,14 @@ def main(argv=None) -> int:
     return 1 if dead else 0
 
 
-def save(out: Path, rows, skipped, warmed, available, args, device_name, dtype, peak) -> dict:
+def save(out: Path, rows, skipped, warmed, available, args, device_name, dtype, peak, profiles=None) -> dict:
     """Write <out>/kernels.json from the rows so far (after every (model, T), so a stopped run keeps them)."""
     summary = summarize(rows)
     result = {"device": device_name, "dtype": str(dtype), "peak_bf16_tflops": peak, "batch": args.batch,
               "tokens_per_call": args.tokens, "window": WINDOW, "chunk": CHUNK, "available": available,
               "precompile": warmed, "skipped": skipped, "rows": rows, "ratios": summary["ratios"],
               "crossover_vs_sdpa": summary["crossover"], "targets": summary["targets"],
-              "summary_lines": summary["lines"]}
+              "summary_lines": summary["lines"], "profile": profiles or {}}
     (out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

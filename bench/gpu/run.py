@@ -10,7 +10,8 @@ Stages (each a subprocess with its own time limit, its output appended to OUT/ru
      torch.compile with the Triton path; decoding through the decode kernel). If a test fails with autotuning on,
      the failed ones run again with LINEARIZE_TRITON_AUTOTUNE=0, which says whether tuning is to blame (and later
      stages then run untuned). Failures stop the run here unless --keep-going.
-  2. kernels: bench/kernels.py, bf16, B*T = 32k tokens at T = 1k..32k, heads 32/8 x 64 and 16/4 x 128,
+  2. kernels: bench/kernels.py, bf16, B*T = 32k tokens at T = 1k..32k (1k, 4k, 16k first), heads 32/8 x 64 and
+     16/4 x 128, a per-kernel profile of our ops at the first T,
      every contender compiled first in parallel processes; ratios, TFLOP/s, crossover, JSON + PNG.
   3. e2e: bench/gpu/e2e.py, a random ~1B Llama, prefill 4k/16k/32k and decode at 1k/32k, original vs liger,
      liger-sinks (the default recipe) and gla.
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limit-tests", type=float, default=180.0, help="seconds for the correctness stage")
     ap.add_argument("--limit-kernels", type=float, default=160.0, help="seconds for the kernel benchmark")
     ap.add_argument("--limit-e2e", type=float, default=200.0, help="seconds for the end-to-end stage")
+    ap.add_argument("--kernel-models", nargs="+", default=["Llama-3.2-1B", "H16-D128"])
+    ap.add_argument("--kernel-seq", type=int, nargs="+", default=[1024, 4096, 16384, 2048, 8192, 32768],
+                    help="kernel benchmark lengths, in the order timed (a stage cut short keeps the spread first)")
     ap.add_argument("--scratch", default="/tmp/linearize_gpu_run", help="intermediate files (not returned)")
     args = ap.parse_args(argv)
     out = args.out
@@ -210,7 +214,7 @@ def main(argv=None) -> int:
     if "kernels" in wanted:
         cmd = [sys.executable, "bench/kernels.py", "--out", str(out), "--reps", "25"]
         cmd += ["--dry-run", "--tokens", "32"] if args.dry_run else [
-            "--models", "Llama-3.2-1B", "H16-D128", "--seq", "1024", "2048", "4096", "8192", "16384", "32768",
+            "--models", *args.kernel_models, "--seq", *map(str, args.kernel_seq), "--profile",
             "--tokens", "32768", "--precompile", str(args.workers),
             "--precompile-limit-s", str(args.limit_kernels * 0.45), "--budget-s", str(args.limit_kernels * 0.3)]
         summary["stages"]["kernels"] = run_stage("kernels", cmd, out, args.limit_kernels, env)
