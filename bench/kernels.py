@@ -371,6 +371,7 @@ def main(argv=None) -> int:
                            "tflops": tflops, "peak_fraction": tflops / peak if peak else None}
                     rows.append(row)
                     print(f"{model:13s} T={T:6d} {direction:8s} {name:21s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s")
+                    save(out, rows, skipped, warmed, available, args, device_name, dtype, peak, profiles)  # per row
             if args.profile and device == "cuda" and not dead and model not in profiles:
                 try:
                     profiles[model] = {"T": T, "batch": batch, "ms_per_call": profile_kernels(
@@ -379,10 +380,10 @@ def main(argv=None) -> int:
                     print(f"profile {model}: failed: {type(exc).__name__}: {exc}")
                 for key, times in profiles.get(model, {}).get("ms_per_call", {}).items():
                     print(f"profile {model} T={T} {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
+                save(out, rows, skipped, warmed, available, args, device_name, dtype, peak, profiles)
             del contenders
             if device == "cuda":
                 torch.cuda.empty_cache()
-            save(out, rows, skipped, warmed, available, args, device_name, dtype, peak, profiles)  # a killed run keeps these
 
     result = save(out, rows, skipped, warmed, available, args, device_name, dtype, peak, profiles)
     for line in result["summary_lines"]:

@@ -254,6 +254,17 @@ def test_cli_emits_the_recipe_sources(tmp_path, capsys):
     assert "wrote 1 source(s)" in capsys.readouterr().out
 
 
+def test_cli_emits_the_default_recipes_three_kernels(tmp_path):
+    """liger-sinks normalises its linear branch, which the fused kernel cannot: the window kernel (with sinks),
+    the GLA kernel and the GLA kernel on the 16-column denominator block."""
+    from linearize.kernels.triton.emit import emit
+
+    index = emit("liger-sinks", str(tmp_path))
+    names = sorted(entry["file"] for entry in index)
+    assert len(names) == 3 and all(names), index
+    assert any("swa64s4" in n for n in names) and any("-v16-" in n for n in names)
+
+
 def test_generated_kernels_compile_for_a_gpu(tmp_path):
     """Compiled Triton rejects code the interpreter runs (a static_range-derived index, scans over [R, 1] tiles in
     Triton 3.6): compile every kernel of small specs for sm_90 ahead of time, which needs no GPU

@@ -33,7 +33,10 @@ def _shapes(**kw):
 
 SPECS = {  # what bench/gpu/run.py launches: the benchmark's contenders, the e2e recipes, the decode step
     "liger-d64-bf16": KernelSpec(window=64, **_shapes()),
-    "liger-sinks-d64-bf16": KernelSpec(window=64, sinks=4, **_shapes()),  # the default recipe, liger-sinks
+    "liger-sinks-d64-bf16": KernelSpec(window=64, sinks=4, **_shapes()),  # fused Liger with sinks (benchmark)
+    # the default recipe (liger-sinks, a normalised linear branch): window with sinks, GLA, GLA on the denominator
+    "swa-sinks-d64-bf16": KernelSpec(linear=False, window=64, sinks=4, **{**_shapes(), "chunk": 16}),
+    "gla-d64-v16-bf16": KernelSpec(**{**_shapes(), "head_v": 16}),
     "gla-d64-bf16": KernelSpec(**_shapes()),
     "given-d64-bf16": KernelSpec(gate_fn="given", feature_map="identity", **_shapes()),
     "simple-d64-bf16": KernelSpec(gate="scalar", gate_fn="neg_softplus", **_shapes()),

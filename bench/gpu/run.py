@@ -73,6 +73,8 @@ def correctness(args, out: pathlib.Path, env: dict, workers: list[str]) -> dict:
            *workers, *TEST_FILES]
     if args.dry_run:  # the wiring only: CI runs these test modules in full anyway
         cmd += ["-k", "decode_steps or single_branch_ops_differentiate and swa"]
+    elif args.tests_k:
+        cmd += ["-k", args.tests_k]
     stage = run_stage("correctness", cmd, out, args.limit_tests, env)
     stage["tests"], stage["failed"] = junit_failures(report)
     if stage["failed"] and env.get("LINEARIZE_TRITON_AUTOTUNE", "1") != "0":
@@ -174,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit-tests", type=float, default=180.0, help="seconds for the correctness stage")
     ap.add_argument("--limit-kernels", type=float, default=160.0, help="seconds for the kernel benchmark")
     ap.add_argument("--limit-e2e", type=float, default=200.0, help="seconds for the end-to-end stage")
+    ap.add_argument("--tests-k", help="only the correctness tests matching this pytest -k expression")
     ap.add_argument("--kernel-models", nargs="+", default=["Llama-3.2-1B", "H16-D128"])
     ap.add_argument("--kernel-seq", type=int, nargs="+", default=[1024, 4096, 16384, 2048, 8192, 32768],
                     help="kernel benchmark lengths, in the order timed (a stage cut short keeps the spread first)")

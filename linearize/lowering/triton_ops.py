@@ -25,11 +25,13 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
+DENOMINATOR_BLOCK = 16  # value columns of the launch that computes a normalised GLA's denominator (the smallest tile)
 _warned: set = set()
 
 
@@ -246,33 +248,41 @@ def _linear_inputs(q_pre: Tensor, k_pre: Tensor, *, gate: str, gate_normalizer: 
     return fields, qf, kf, g.contiguous()
 
 
-def rule_spec(rewrite: str, params: dict, *, head_k: int, head_v: int, group: int, dtype: str = "bfloat16"):
-    """The KernelSpec a rule's rewrite would use for these head dims (no tensors needed), or a reason string."""
+def rule_specs(rewrite: str, params: dict, *, head_k: int, head_v: int, group: int, dtype: str = "bfloat16"):
+    """The KernelSpecs a rule's rewrite would launch for these head dims (no tensors needed), or a reason string."""
     from ..kernels.triton.spec import KernelSpec, UnsupportedSpec
 
     shapes = dict(head_v=head_v, group=group, dtype=dtype)
     try:
-        if rewrite == "swa":
-            spec = KernelSpec(linear=False, window=int(params["window"]), sinks=int(params.get("sinks", 0)),
+        def window_spec():
+            return KernelSpec(linear=False, window=int(params["window"]), sinks=int(params.get("sinks", 0)),
                               chunk=16, head_k=head_k, **shapes)
+
+        if rewrite == "swa":
+            specs = [window_spec()]
         elif rewrite in ("gla", "liger"):
-            if params.get("normalize"):
-                return "normalize: true (the denominator column) is not generated"
             fields, fused = linear_spec_fields(params["gate"], params["gate_normalizer"], params["feature_map"],
                                                params.get("gate_lower_bound", 0.0))
             width = head_k * (2 if params["feature_map"] == "hedgehog" else 1)
-            extra = {"window": int(params["window"]), "mix": tuple(float(x) for x in params["mix"]),
-                     "sinks": int(params.get("sinks", 0))} if rewrite == "liger" else {}
-            spec = KernelSpec(chunk=int(params["chunk_size"]), scale=float(params.get("scale", 1.0)),
-                              head_k=width, **fields, **extra, **shapes)
+            linear = dict(chunk=int(params["chunk_size"]), scale=float(params.get("scale", 1.0)), head_k=width,
+                          **fields)
+            if params.get("normalize"):  # separate kernels: window, GLA, GLA on the denominator block
+                specs = [window_spec()] if rewrite == "liger" else []
+                specs += [KernelSpec(**linear, **shapes),
+                          KernelSpec(**linear, **{**shapes, "head_v": DENOMINATOR_BLOCK})]
+            else:
+                extra = {"window": int(params["window"]), "mix": tuple(float(x) for x in params["mix"]),
+                         "sinks": int(params.get("sinks", 0))} if rewrite == "liger" else {}
+                specs = [KernelSpec(**linear, **extra, **shapes)]
         elif rewrite == "lolcats":
-            spec = KernelSpec(window=int(params["window"]), mix_mode="shared", head_k=head_k, **shapes)
+            specs = [KernelSpec(window=int(params["window"]), mix_mode="shared", head_k=head_k, **shapes)]
         else:
             return f"rewrite {rewrite!r} has no generated kernel"
-        spec.check_shapes()
+        for spec in specs:
+            spec.check_shapes()
     except UnsupportedSpec as exc:
         return str(exc)
-    return spec
+    return specs
 
 
 def _build(q: Tensor, k: Tensor, v: Tensor, **fields):
@@ -294,16 +304,22 @@ def _build(q: Tensor, k: Tensor, v: Tensor, **fields):
 def gla(q_pre: Tensor, k_pre: Tensor, v: Tensor, *, gate: str, gate_normalizer: float, feature_map: str,
         chunk_size: int, normalize: bool, scale: float = 1.0, gate_lower_bound: float = 0.0,
         decay: float = 0.99) -> Optional[Tensor]:
-    """GLA site through the generated kernels, or None if they cannot take it."""
-    if normalize:
-        warn_once("normalize: true (the denominator column) is not generated")
-        return None
+    """GLA site through the generated kernels, or None if they cannot take it. With `normalize` the output has one
+    more value column, the denominator (the gated feature weights' sum), as the PyTorch path's has: a second launch
+    on a value block of [1, 0, ..., 0] columns computes it."""
     fields, q, k, g = _linear_inputs(q_pre, k_pre, gate=gate, gate_normalizer=gate_normalizer,
                                      feature_map=feature_map, gate_lower_bound=gate_lower_bound, decay=decay)
     spec = _build(q, k, v, chunk=chunk_size, scale=float(scale), **fields)
     if spec is None:
         return None
     o, _, _ = attention(q, k, v, None, None, g, None, spec.to_json(), float(scale), 1.0)
+    if normalize:
+        ones = F.pad(torch.ones_like(v[..., :1]), (0, DENOMINATOR_BLOCK - 1))
+        den_spec = _build(q, k, ones, chunk=chunk_size, scale=float(scale), **fields)
+        if den_spec is None:
+            return None
+        den, _, _ = attention(q, k, ones, None, None, g, None, den_spec.to_json(), float(scale), 1.0)
+        o = torch.cat([o, den[..., :1]], dim=-1)
     return o
 
 
@@ -311,9 +327,11 @@ def liger(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, *, wind
           gate: str, gate_normalizer: float, feature_map: str, chunk_size: int, normalize: bool,
           scale: float = 1.0, gate_lower_bound: float = 0.0, decay: float = 0.99, sinks: int = 0
           ) -> Optional[Tensor]:
-    """Liger site (mix[0] * window softmax + mix[1] * GLA) as one fused kernel, or None."""
+    """Liger site (mix[0] * window softmax + mix[1] * GLA) as one fused kernel, or None (with `normalize` too:
+    the caller then runs the two branches as separate generated kernels)."""
     if normalize:
-        warn_once("normalize: true (the denominator column) is not generated")
+        warn_once("liger with normalize: true runs the window and GLA kernels separately (the fused kernel has no "
+                  "denominator column)")
         return None
     fields, ql, kl, g = _linear_inputs(q_pre, k_pre, gate=gate, gate_normalizer=gate_normalizer,
                                        feature_map=feature_map, gate_lower_bound=gate_lower_bound, decay=decay)

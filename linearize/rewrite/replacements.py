@@ -46,7 +46,7 @@ def gla_attention(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, feature
         out = _triton.gla(q_pre, k_pre, v, **{k: val for k, val in locals().items()
                                              if k not in ("q_pre", "k_pre", "v", "kernels")})
         if out is not None:
-            return out.to(v.dtype)
+            return _normalized(out, normalize).to(v.dtype)
     return gla_with_state(q_pre, k_pre, v, gate=gate, gate_normalizer=gate_normalizer, feature_map=feature_map,
                           chunk_size=chunk_size, normalize=normalize, scale=scale,
                           gate_lower_bound=gate_lower_bound, decay=decay)[0]
@@ -76,9 +76,12 @@ def gla_with_state(q_pre, k_pre, v, *, gate: str, gate_normalizer: float, featur
         o, state = step if step is not None else gla_step(qf, kf, vf, g, initial_state, scale)
     else:
         o, state = torch.ops.linearize.gla(qf, kf, vf, g, initial_state, scale, chunk_size)
-    if normalize:
-        o = o[..., :-1] / o[..., -1:].clamp_min(_DENOMINATOR_EPS)
-    return o.to(v.dtype), state
+    return _normalized(o, normalize).to(v.dtype), state
+
+
+def _normalized(o, normalize: bool):
+    """A normalised branch's output carries its denominator as the last value column: divide it out."""
+    return o[..., :-1] / o[..., -1:].clamp_min(_DENOMINATOR_EPS) if normalize else o
 
 
 def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: float, sinks: int = 0,

@@ -13,7 +13,7 @@ from . import generator
 
 def emit(rules: str, out: str, *, head_dim: int = 64, head_dim_v: int | None = None, group: int = 3,
          dtype: str = "bfloat16") -> list[dict]:
-    from ...lowering.triton_ops import rule_spec
+    from ...lowering.triton_ops import rule_specs
     from ...rewrite import rules as R
 
     rule_set = R.load(rules)
@@ -24,15 +24,16 @@ def emit(rules: str, out: str, *, head_dim: int = 64, head_dim_v: int | None = N
         if rule.rewrite in ("keep", "exact"):
             continue
         origin = getattr(rule, "origin", "") or f"rule {i + 1}"
-        spec = rule_spec(rule.rewrite, rule.params, head_k=head_dim, head_v=head_dim_v or head_dim, group=group,
-                         dtype=dtype)
-        if isinstance(spec, str):
-            index.append({"rule": origin, "rewrite": rule.rewrite, "file": None, "not_generated": spec})
+        specs = rule_specs(rule.rewrite, rule.params, head_k=head_dim, head_v=head_dim_v or head_dim, group=group,
+                           dtype=dtype)
+        if isinstance(specs, str):
+            index.append({"rule": origin, "rewrite": rule.rewrite, "file": None, "not_generated": specs})
             continue
-        name = f"{spec.name()}-{spec.key()}.py"
-        if spec.key() not in seen:
-            seen.add(spec.key())
-            (out_dir / name).write_text(generator.render(spec))
-        index.append({"rule": origin, "rewrite": rule.rewrite, "file": name, "spec": spec.to_dict()})
+        for spec in specs:
+            name = f"{spec.name()}-{spec.key()}.py"
+            if spec.key() not in seen:
+                seen.add(spec.key())
+                (out_dir / name).write_text(generator.render(spec))
+            index.append({"rule": origin, "rewrite": rule.rewrite, "file": name, "spec": spec.to_dict()})
     (out_dir / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
