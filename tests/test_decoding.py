@@ -91,7 +91,7 @@ def test_small_window_chunked_prefill(rewrite, tmp_path):
     assert (out - ref).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("rewrite,window,sinks", [("swa", 5, 3), ("liger", 8, 4)])
+@pytest.mark.parametrize("rewrite,window,sinks", [("swa", 5, 3), ("liger", 8, 4), ("lolcats", 6, 3)])
 def test_sinks_decode_equals_full_recompute_with_constant_cache(rewrite, window, sinks, tmp_path):
     """Attention sinks: decoding (a chunked prefill, then single steps) gives the full forward, the sink keys sit
     beside the ring (constant bytes), and they change the result (so the test would see them ignored)."""

@@ -48,12 +48,13 @@ def _run_chunks(q, k, v, window, chunks, fq=None, fk=None, valid=None, block=4, 
         sl = slice(start, start + n)
         extra = dict(sink_k=sink[0], sink_v=sink[1], sink_pos=sink[2]) if sinks else {}
         if fq is not None:
-            extra = dict(fq=fq[:, :, sl], fk=fk[:, :, sl], ring_fk=ring[3], state=ring[4], norm=ring[5])
+            extra.update(fq=fq[:, :, sl], fk=fk[:, :, sl], ring_fk=ring[3], state=ring[4], norm=ring[5])
         res = ring_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], valid[:, sl], torch.tensor(start),
                              ring[0], ring[1], ring[2], 0.5, window, block=block, **extra)
         outs.append(res[0])
         ring = list(res[1:4]) + ([res[4], res[5], res[6]] if fq is not None else [])
-        sink = list(res[4:7]) if sinks else sink
+        first_sink = 7 if fq is not None else 4
+        sink = list(res[first_sink:first_sink + 3]) if sinks else sink
         start += n
     return torch.cat(outs, dim=2), ring
 
@@ -95,7 +96,21 @@ def test_hybrid_ring_and_state_match_full_sequence(chunks, window, feature):
     assert rel_rmse(ours, naive) < 1e-12
 
 
-@pytest.mark.parametrize("hybrid,sinks", [(False, 0), (True, 0), (False, 2)])
+@pytest.mark.parametrize("chunks", CHUNKINGS)
+@pytest.mark.parametrize("window,sinks", [(1, 1), (3, 2), (4, 5), (16, 4)])
+def test_hybrid_ring_with_sinks_matches_full_sequence(chunks, window, sinks):
+    """LoLCATs with sinks: the sink keys keep exact scores beside the ring and stay out of the linear sums."""
+    q, k, v = _inputs(2, 6, 3, 12, 8, 5, seed=3)
+    fq, fk = softmax_feature(q), softmax_feature(k)
+    ours, _ = _run_chunks(q, k, v, window, chunks, fq=fq, fk=fk, sinks=sinks)
+    ref = hybrid_attention_fwd(q, k, v, fq, fk, 0.5, window, sinks)
+    assert rel_rmse(ours, ref) < 1e-12
+    assert rel_rmse(ours, naive_hybrid_attention(q, k, v, fq, fk, 0.5, window, sinks)) < 1e-12
+    if window < 12:  # the sinks change the result
+        assert rel_rmse(ours, hybrid_attention_fwd(q, k, v, fq, fk, 0.5, window)) > 1e-3
+
+
+@pytest.mark.parametrize("hybrid,sinks", [(False, 0), (True, 0), (False, 2), (True, 2)])
 def test_padding_never_reaches_ring_or_state(hybrid, sinks):
     """Row 0 is left-padded by 4; its outputs on real tokens equal those of the unpadded sequence run alone."""
     q, k, v = _inputs(2, 6, 3, 12, 8, 5, seed=1)
@@ -166,7 +181,7 @@ def test_decoding_ops_pass_opcheck():
     ops = torch.ops.linearize
     for sink in (_sink_buffers(2, 3, 0, 8, 4, torch.float32), _sink_buffers(2, 3, 2, 8, 4, torch.float32)):
         torch.library.opcheck(ops.ring_window_attention, (q, k, v, valid, pos0, *ring[:3], *sink, 0.5, 4))
-    torch.library.opcheck(ops.ring_hybrid_attention, (q, k, v, fq, fk, valid, pos0, *ring, 0.5, 4))
+        torch.library.opcheck(ops.ring_hybrid_attention, (q, k, v, fq, fk, valid, pos0, *ring, *sink, 0.5, 4))
     mask = _hf_mask(7, 5, 16)
     torch.library.opcheck(ops.chunk_key_validity, (mask, pos0, 5))
     torch.library.opcheck(ops.cache_mask_is_causal, (mask, pos0))

@@ -32,7 +32,7 @@ def _inputs(hq, hkv, seq, d, dv, f, dtype=torch.float32, seed=0, requires_grad=T
 def test_schema():
     assert str(ops.hybrid_attention.default._schema) == (
         "linearize::hybrid_attention(Tensor q, Tensor k, Tensor v, Tensor fq, Tensor fk, float scale, "
-        "int window) -> Tensor")
+        "int window, int sinks=0) -> Tensor")
 
 
 @pytest.mark.parametrize("hq,hkv,seq,window", [
@@ -43,15 +43,16 @@ def test_schema():
     pytest.param(2, 1, 9, 64, id="window-longer-than-sequence"),
     pytest.param(2, 2, 20, 1, id="window-1"),
 ])
-def test_kernel_matches_reference_fp32_including_gradients(hq, hkv, seq, window):
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_kernel_matches_reference_fp32_including_gradients(hq, hkv, seq, window, sinks):
     q, k, v, fq, fk = inputs = _inputs(hq, hkv, seq, 16, 12, 24)
-    ref = naive_hybrid_attention(q, k, v, fq, fk, 0.3, window)
-    out = hybrid_attention_fwd(q, k, v, fq, fk, 0.3, window)
+    ref = naive_hybrid_attention(q, k, v, fq, fk, 0.3, window, sinks)
+    out = hybrid_attention_fwd(q, k, v, fq, fk, 0.3, window, sinks)
     assert out.dtype == torch.float32
     assert rel_rmse(ref, out) <= 1e-5
     do = torch.randn_like(ref)
     want = torch.autograd.grad(ref, inputs, do)
-    got = hybrid_attention_bwd(do, *inputs, 0.3, window)
+    got = hybrid_attention_bwd(do, *inputs, 0.3, window, sinks)
     for name, a, b in zip(("dq", "dk", "dv", "dfq", "dfk"), got, want):
         assert a.shape == b.shape, name
         if b.abs().max() == 0:  # e.g. no older keys when the window covers the sequence
@@ -78,9 +79,22 @@ def test_older_keys_use_the_feature_product():
     torch.testing.assert_close(out[:, 0, i], want, rtol=1e-5, atol=1e-6)
 
 
-def test_gradcheck_fp64():
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_gradcheck_fp64(sinks):
     inputs = _inputs(4, 2, 11, 3, 2, 3, dtype=torch.float64, seed=3)
-    assert torch.autograd.gradcheck(lambda *x: ops.hybrid_attention(*x, 0.7, 4), inputs)
+    assert torch.autograd.gradcheck(lambda *x: ops.hybrid_attention(*x, 0.7, 4, sinks), inputs)
+
+
+def test_sinks_without_linear_weight_are_window_attention_with_sinks():
+    """Zero feature products leave only exact scores: the window plus the sink keys, i.e. window attention with
+    sinks (an independent reference), and the sinks change the result."""
+    from linearize.kernels.window import window_attention_fwd
+
+    q, k, v, fq, fk = _inputs(4, 2, 40, 8, 8, 8, requires_grad=False)
+    out = ops.hybrid_attention(q, k, v, torch.zeros_like(fq), fk, 0.35, 8, 3)
+    ref, _ = window_attention_fwd(q, k, v, 0.35, 8, 3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert rel_rmse(out, ops.hybrid_attention(q, k, v, torch.zeros_like(fq), fk, 0.35, 8)) > 1e-2
 
 
 @pytest.mark.parametrize("case", ["forward", "backward"])

@@ -16,6 +16,9 @@ blocks. Cost O(T * W * D + T * F * Dv); only per-block sums are kept. The backwa
 dH/dz back to earlier blocks with a reverse cumulative sum, and routes the gradient of the max to its argmax
 (split evenly over ties, as autograd does for amax).
 
+Attention sinks (`sinks` = N): the first N keys keep exact exp(s_ij - m_i) weights for every query they are older
+than the window (they join the max m_i and leave the linear part): an [N]-key softmax term beside the window's.
+
 Shapes: q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], fq [B, Hq, T, F], fk [B, Hkv, T, F] (GQA: query head h
 reads KV head h // (Hq / Hkv)). Accumulation in fp32 (fp64 for fp64 inputs); outputs in the inputs' dtypes.
 """
@@ -32,9 +35,11 @@ from .precision import acc_dtype
 class _Blocks:
     """Inputs padded to whole blocks of W and viewed as [B, Hkv, G, N, W, *] (kv side with G = 1)."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int):
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int, sinks: int = 0):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        if sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {sinks}")
         if q.shape[-2] != k.shape[-2]:
             raise ValueError("hybrid attention needs equal query and key lengths")
         if fq.shape[-1] != fk.shape[-1]:
@@ -43,8 +48,14 @@ class _Blocks:
         self.batch, self.hq, self.seq, self.hkv, self.groups = head_groups(q, k)
         self.w = max(1, min(window, self.seq))
         self.n = -(-self.seq // self.w) if self.seq else 0
+        self.sinks = min(sinks, self.seq)
+        if self.sinks:  # sink keys leave the linear part
+            self.linear_key = (torch.arange(self.seq, device=q.device) >= self.sinks)[:, None]
+            fk = fk * self.linear_key.to(fk.dtype)
         self.q, self.fq = self.split(q, self.groups), self.split(fq, self.groups)
         self.k, self.v, self.fk = self.split(k, 1), self.split(v, 1), self.split(fk, 1)
+        self.sink_k = k[:, :, None, None, :self.sinks].to(self.acc)  # [B, Hkv, 1, 1, N, D]
+        self.sink_v = v[:, :, None, None, :self.sinks].to(self.acc)
         self.k2, self.v2 = self.pair(self.k), self.pair(self.v)
         self.fk_prev, self.v_prev = self.previous(self.fk), self.previous(self.v)
         self.window_mask, self.linear_mask = self._masks(q.device)
@@ -82,6 +93,8 @@ class _Blocks:
         window_mask = (distance >= 0) & (distance < w) & real  # [N, W, 2W]
         older = cols[:, :w] <= rows  # key in block n-1 at offset c is at least W back iff c <= r
         linear_mask = older & has_prev  # [N, W, W]
+        qpos = torch.arange(self.n, device=device)[:, None, None] * w + rows  # [N, W, 1]
+        self.sink_mask = qpos - torch.arange(self.sinks, device=device) >= w  # [N, W, sinks]: older than the window
         return window_mask, linear_mask
 
     def running_sums(self) -> tuple[Tensor, Tensor]:
@@ -95,32 +108,35 @@ class _Blocks:
     def parts(self, scale: float):
         s = scale * (self.q @ self.k2.transpose(-1, -2))
         s = s.masked_fill(~self.window_mask, float("-inf"))
+        ss = (scale * (self.q @ self.sink_k.transpose(-1, -2))).masked_fill(~self.sink_mask, float("-inf"))
         m = s.amax(-1, keepdim=True)  # finite: each row sees at least its own key
-        p = (s - m).exp()
+        if self.sinks:
+            m = torch.maximum(m, ss.amax(-1, keepdim=True))
+        p, ps = (s - m).exp(), (ss - m).exp()
         a = (self.fq @ self.fk_prev.transpose(-1, -2)) * self.linear_mask
         h, z = self.running_sums()
-        num = p @ self.v2 + a @ self.v_prev + self.fq @ h
-        den = p.sum(-1) + a.sum(-1) + (self.fq * z.unsqueeze(-2)).sum(-1)
-        return s, m, p, a, h, z, num, den
+        num = p @ self.v2 + a @ self.v_prev + self.fq @ h + ps @ self.sink_v
+        den = p.sum(-1) + a.sum(-1) + (self.fq * z.unsqueeze(-2)).sum(-1) + ps.sum(-1)
+        return s, ss, m, p, ps, a, h, z, num, den
 
 
-def hybrid_attention_fwd(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, scale: float, window: int
-                         ) -> Tensor:
+def hybrid_attention_fwd(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, scale: float, window: int,
+                         sinks: int = 0) -> Tensor:
     """o [B, Hq, T, Dv] in v's dtype."""
     if q.shape[-2] == 0:
         return q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=v.dtype)
-    blk = _Blocks(q, k, v, fq, fk, window)
+    blk = _Blocks(q, k, v, fq, fk, window, sinks)
     *_, num, den = blk.parts(scale)
     return blk.merge(num / den.unsqueeze(-1), v)
 
 
 def hybrid_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, scale: float,
-                         window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         window: int, sinks: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dfq, dfk), recomputing the forward's blocks."""
     if q.shape[-2] == 0:
         return tuple(torch.zeros_like(x) for x in (q, k, v, fq, fk))
-    blk = _Blocks(q, k, v, fq, fk, window)
-    s, m, p, a, h, z, num, den = blk.parts(scale)
+    blk = _Blocks(q, k, v, fq, fk, window, sinks)
+    s, ss, m, p, ps, a, h, z, num, den = blk.parts(scale)
     d_out = blk.split(do, blk.groups)
     o = num / den.unsqueeze(-1)
     dnum = d_out / den.unsqueeze(-1)
@@ -129,10 +145,13 @@ def hybrid_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, fq: Tensor
     # window (softmax) part: p = exp(s - m)
     dp = dnum @ blk.v2.transpose(-1, -2) + dden.unsqueeze(-1)
     ds = p * dp
-    dm = -ds.sum(-1, keepdim=True)
-    at_max = (s == m).to(ds.dtype)
-    ds = ds + at_max * (dm / at_max.sum(-1, keepdim=True))
-    dq = scale * (ds @ blk.k2)
+    dss = ps * (dnum @ blk.sink_v.transpose(-1, -2) + dden.unsqueeze(-1))  # sink keys: the same softmax form
+    dm = -ds.sum(-1, keepdim=True) - dss.sum(-1, keepdim=True)
+    at_max, at_sink_max = (s == m).to(ds.dtype), (ss == m).to(ds.dtype)
+    ties = at_max.sum(-1, keepdim=True) + at_sink_max.sum(-1, keepdim=True)
+    ds = ds + at_max * (dm / ties)
+    dss = dss + at_sink_max * (dm / ties)
+    dq = scale * (ds @ blk.k2) + scale * (dss @ blk.sink_k)
     dk2 = scale * (ds.transpose(-1, -2) @ blk.q).sum(2, keepdim=True)
     dv2 = (p.transpose(-1, -2) @ dnum).sum(2, keepdim=True)
 
@@ -152,4 +171,13 @@ def hybrid_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, fq: Tensor
     dfk = blk.v @ dc.transpose(-1, -2) + dzc.unsqueeze(-2) + blk.unprevious(dfk_prev)
     dv = blk.fk @ dc + blk.unpair(dv2) + blk.unprevious(dv_prev)
     dk = blk.unpair(dk2)
-    return blk.merge(dq, q), blk.merge(dk, k), blk.merge(dv, v), blk.merge(dfq, fq), blk.merge(dfk, fk)
+    dq, dk, dv, dfq, dfk = (blk.merge(dq, q), blk.merge(dk, k), blk.merge(dv, v), blk.merge(dfq, fq),
+                            blk.merge(dfk, fk))
+    if blk.sinks:
+        n = blk.sinks
+        dk_sink = scale * (dss.transpose(-1, -2) @ blk.q).sum((2, 3))  # [B, Hkv, N, D]
+        dv_sink = (ps.transpose(-1, -2) @ dnum).sum((2, 3))
+        dk = torch.cat([dk[:, :, :n] + dk_sink.to(dk.dtype), dk[:, :, n:]], dim=2)
+        dv = torch.cat([dv[:, :, :n] + dv_sink.to(dv.dtype), dv[:, :, n:]], dim=2)
+        dfk = dfk * blk.linear_key.to(dfk.dtype)
+    return dq, dk, dv, dfq, dfk

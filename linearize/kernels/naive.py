@@ -88,11 +88,13 @@ def naive_softmax_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
 
 
 def naive_hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, scale: float,
-                           window: int) -> Tensor:
+                           window: int, sinks: int = 0) -> Tensor:
     """Quadratic window + linear attention with one shared normaliser (LoLCATs).
 
     Query i attends keys i - window < j <= i with exp(scale q.k - m_i) (m_i: the max of those scores) and keys
-    j <= i - window with fq_i . fk_j; o_i = (sum of weights * v) / (sum of weights). Returns v's dtype.
+    j <= i - window with fq_i . fk_j; o_i = (sum of weights * v) / (sum of weights). With `sinks`, the first
+    `sinks` keys keep exact exp scores for every query (they join the softmax part and m_i, and leave the linear
+    part). Returns v's dtype.
     """
     acc = acc_dtype(q)
     seq = q.shape[-2]
@@ -101,9 +103,9 @@ def naive_hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tens
     kf, vf, fkf = (_repeat_kv(x.to(acc), groups) for x in (k, v, fk))
     rows = torch.arange(seq, device=q.device)[:, None]
     cols = torch.arange(seq, device=q.device)[None, :]
-    in_window = (cols <= rows) & (cols > rows - window)
-    older = cols <= rows - window
-    scores = (scale * qf @ kf.transpose(-1, -2)).masked_fill(~in_window, float("-inf"))
+    exact = ((cols <= rows) & (cols > rows - window)) | ((cols < sinks) & (cols <= rows))
+    older = (cols <= rows - window) & ~exact
+    scores = (scale * qf @ kf.transpose(-1, -2)).masked_fill(~exact, float("-inf"))
     soft = (scores - scores.amax(dim=-1, keepdim=True)).exp()
     lin = (fqf @ fkf.transpose(-1, -2)).masked_fill(~older, 0.0)
     weights = soft + lin

@@ -36,17 +36,16 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor,
     q [B, Hq, T, D] at positions pos0 .. pos0+T-1 (pos0: 0-d long tensor); k [B, Hkv, T, D], v [B, Hkv, T, Dv];
     valid [B, T] bool (False: padding, never attended, never stored); ring_k [B, Hkv, W, D], ring_v [B, Hkv, W, Dv],
     ring_pos [B, W] long. Hybrid only: fq [B, Hq, T, F], fk / ring_fk [B, Hkv, T|W, F], state [B, Hkv, F, Dv] and
-    norm [B, Hkv, F] (sums of fk^T v and fk over keys older than the ring). Window only, with attention sinks:
-    sink_k [B, Hkv, N, D], sink_v [B, Hkv, N, Dv], sink_pos [B, N]: the first N real tokens of each row (padding
-    does not count), visible to every query they are at least W older than (nearer ones are in the ring).
+    norm [B, Hkv, F] (sums of fk^T v and fk over keys older than the ring). Attention sinks: sink_k [B, Hkv, N, D],
+    sink_v [B, Hkv, N, Dv], sink_pos [B, N]: the first N real tokens of each row (padding does not count), visible
+    with exact scores to every query they are at least W older than (nearer ones are in the ring); the hybrid keeps
+    them out of its linear sums.
 
-    Returns (o [B, Hq, T, Dv] in v's dtype, ring_k, ring_v, ring_pos), then (sink_k, sink_v, sink_pos) when given,
-    or, for the hybrid, (ring_fk, state, norm): new tensors, the inputs are not modified.
+    Returns (o [B, Hq, T, Dv] in v's dtype, ring_k, ring_v, ring_pos), for the hybrid then (ring_fk, state, norm),
+    then (sink_k, sink_v, sink_pos) when given: new tensors, the inputs are not modified.
     """
     hybrid = fq is not None
     n_sink = sink_k.shape[2] if sink_k is not None else 0
-    if hybrid and n_sink:
-        raise ValueError("attention sinks are not supported by the hybrid (shared-normaliser) ring")
     B, Hq, T, D = q.shape
     Hkv, Dv, W = k.shape[1], v.shape[-1], ring_k.shape[2]
     if W != window:
@@ -87,12 +86,18 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor,
         ring = torch.arange(W, device=dev)
         return torch.cat([ring, W + torch.arange(lo, hi, device=dev)]) if hi > lo else ring
 
+    def is_sink(p: Tensor) -> Tensor:
+        """[B, S] positions -> which are a row's sink tokens (exact scores, never in the linear sums)."""
+        if not n_sink:
+            return torch.zeros_like(p, dtype=torch.bool)
+        return (p[:, :, None] == new_sp[:, None, :]).any(-1) & (p >= 0)
+
     def fold(upto: Tensor, lo: int, hi: int):
         """Add keys with folded <= position < upto (ring, or chunk keys [lo, hi)) to the running sums."""
         nonlocal run_s, run_z, folded
         idx = gather(lo, hi)
         p = kpos_all[:, idx]  # [B, S]
-        take = ((p >= folded) & (p < upto) & (p >= 0)).to(acc)[:, None, :, None]  # [B, 1, S, 1]
+        take = ((p >= folded) & (p < upto) & (p >= 0) & ~is_sink(p)).to(acc)[:, None, :, None]  # [B, 1, S, 1]
         fk_sel = feats[:, :, idx] * take
         run_s = run_s + fk_sel.transpose(-1, -2) @ vals[:, :, idx]
         run_z = run_z + fk_sel.sum(-2)
@@ -109,7 +114,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor,
         in_window = seen & (d >= 0) & (d < W)
         scores = scale * (qg[:, :, :, s:s + n] @ keys[:, :, idx].unsqueeze(2).transpose(-1, -2))
         scores = scores.masked_fill(~in_window, float("-inf"))
-        v_blk = vals[:, :, idx].unsqueeze(2)
+        v_blk = v_near = vals[:, :, idx].unsqueeze(2)
         if n_sink:  # sinks at least W older than the query (nearer ones are in the window already)
             far = (sink_p >= 0) & (qpos[s:s + n][:, None] - sink_p >= W)
             sink_scores = scale * (qg[:, :, :, s:s + n] @ sink_keys.transpose(-1, -2))
@@ -123,9 +128,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor,
         m = scores.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = (scores - m).exp()
-        older = seen & (d >= W) & (kp >= folded)
+        older = seen & (d >= W) & (kp >= folded) & ~is_sink(kpos_all[:, idx])[:, None, None, None, :]
         a = (fqg[:, :, :, s:s + n] @ feats[:, :, idx].unsqueeze(2).transpose(-1, -2)) * older
-        num = p @ v_blk + a @ v_blk + fqg[:, :, :, s:s + n] @ run_s.unsqueeze(2)
+        num = p @ v_blk + a @ v_near + fqg[:, :, :, s:s + n] @ run_s.unsqueeze(2)
         den = p.sum(-1) + a.sum(-1) + (fqg[:, :, :, s:s + n] * run_z[:, :, None, None, :]).sum(-1)
         den = torch.where(den > 0, den, torch.ones_like(den))
         out[:, :, :, s:s + n] = num / den.unsqueeze(-1)
@@ -142,4 +147,5 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: Tensor,
     fold(pos0 + T - W, T - W - block, T - W)  # what leaves the ring joins the state
     new_fk = ring_fk.clone()
     new_fk[:, :, slots] = fk[:, :, T - keep:].to(ring_fk.dtype)
-    return o, new_k, new_v, new_pos, new_fk, run_s.to(state.dtype), run_z.to(norm.dtype)
+    sinks = (new_sk, new_sv, new_sp) if n_sink else ()
+    return (o, new_k, new_v, new_pos, new_fk, run_s.to(state.dtype), run_z.to(norm.dtype)) + sinks

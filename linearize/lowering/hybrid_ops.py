@@ -14,9 +14,10 @@ from . import dispatch
 
 OP = "hybrid_attention"
 SCHEMAS = {
-    "hybrid_attention": "(Tensor q, Tensor k, Tensor v, Tensor fq, Tensor fk, float scale, int window) -> Tensor",
+    "hybrid_attention": "(Tensor q, Tensor k, Tensor v, Tensor fq, Tensor fk, float scale, int window,"
+                        " int sinks=0) -> Tensor",
     "hybrid_attention_backward": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor fq, Tensor fk,"
-                                 " float scale, int window) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                                 " float scale, int window, int sinks=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 
 # dispatch.register only accepts the ops it lists; this op lives in its own module, so it adds itself.
@@ -35,38 +36,40 @@ def _like(x: Tensor) -> Tensor:
 
 @_custom_op("hybrid_attention")
 def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, scale: float,
-                     window: int) -> Tensor:
-    o = dispatch.kernels(OP, q.device.type).forward(q, k, v, fq, fk, scale, window)
+                     window: int, sinks: int = 0) -> Tensor:
+    o = dispatch.kernels(OP, q.device.type).forward(q, k, v, fq, fk, scale, window, sinks)
     return o.contiguous()
 
 
 @hybrid_attention.register_fake
-def _(q, k, v, fq, fk, scale, window):
+def _(q, k, v, fq, fk, scale, window, sinks=0):
     return v.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 @_custom_op("hybrid_attention_backward")
 def hybrid_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor,
-                              scale: float, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = dispatch.kernels(OP, q.device.type).backward(grad_out, q, k, v, fq, fk, scale, window)
+                              scale: float, window: int, sinks: int = 0
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = dispatch.kernels(OP, q.device.type).backward(grad_out, q, k, v, fq, fk, scale, window, sinks)
     return tuple(g.contiguous() for g in grads)
 
 
 @hybrid_attention_backward.register_fake
-def _(grad_out, q, k, v, fq, fk, scale, window):
+def _(grad_out, q, k, v, fq, fk, scale, window, sinks=0):
     return _like(q), _like(k), _like(v), _like(fq), _like(fk)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, fq, fk, ctx.scale, ctx.window = inputs
+    q, k, v, fq, fk, ctx.scale, ctx.window, *rest = inputs
+    ctx.sinks = rest[0] if rest else 0
     ctx.save_for_backward(q, k, v, fq, fk)
 
 
 def _grad(ctx, grad_out):
     q, k, v, fq, fk = ctx.saved_tensors
     dq, dk, dv, dfq, dfk = torch.ops.linearize.hybrid_attention_backward(
-        grad_out, q, k, v, fq, fk, ctx.scale, ctx.window)
-    return dq, dk, dv, dfq, dfk, None, None
+        grad_out, q, k, v, fq, fk, ctx.scale, ctx.window, ctx.sinks)
+    return dq, dk, dv, dfq, dfk, None, None, None
 
 
 hybrid_attention.register_autograd(_grad, setup_context=_setup)

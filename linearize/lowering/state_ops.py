@@ -27,8 +27,8 @@ SCHEMAS = {
                              " float scale, int window) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "ring_hybrid_attention": "(Tensor q, Tensor k, Tensor v, Tensor fq, Tensor fk, Tensor valid, Tensor pos0,"
                              " Tensor ring_k, Tensor ring_v, Tensor ring_pos, Tensor ring_fk, Tensor state,"
-                             " Tensor norm, float scale, int window)"
-                             " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+                             " Tensor norm, Tensor sink_k, Tensor sink_v, Tensor sink_pos, float scale, int window)"
+                             " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "chunk_key_validity": "(Tensor mask, Tensor pos0, int length) -> Tensor",
     "cache_mask_is_causal": "(Tensor mask, Tensor pos0) -> Tensor",
     "state_cache_kv": "(Tensor k, Tensor v, Tensor pos0, Tensor[] buffers, int layer, str plan, int capacity)"
@@ -69,15 +69,21 @@ def _(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, 
 @_custom_op("ring_hybrid_attention")
 def ring_hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, valid: Tensor, pos0: Tensor,
                           ring_k: Tensor, ring_v: Tensor, ring_pos: Tensor, ring_fk: Tensor, state: Tensor,
-                          norm: Tensor, scale: float, window: int):
-    return tuple(t.contiguous() for t in
-                 ring_attention(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale, window,
-                                fq=fq, fk=fk, ring_fk=ring_fk, state=state, norm=norm))
+                          norm: Tensor, sink_k: Tensor, sink_v: Tensor, sink_pos: Tensor, scale: float, window: int):
+    """LoLCATs' hybrid of a chunk against the ring, the linear sums and the attention sinks (empty: none)."""
+    sinks = dict(sink_k=sink_k, sink_v=sink_v, sink_pos=sink_pos) if sink_k.shape[2] else {}
+    out = ring_attention(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale, window,
+                         fq=fq, fk=fk, ring_fk=ring_fk, state=state, norm=norm, **sinks)
+    if not sinks:
+        out = (*out, sink_k.clone(), sink_v.clone(), sink_pos.clone())
+    return tuple(t.contiguous() for t in out)
 
 
 @ring_hybrid_attention.register_fake
-def _(q, k, v, fq, fk, valid, pos0, ring_k, ring_v, ring_pos, ring_fk, state, norm, scale, window):
-    return (_out_like(q, v), *(torch.empty_like(t) for t in (ring_k, ring_v, ring_pos, ring_fk, state, norm)))
+def _(q, k, v, fq, fk, valid, pos0, ring_k, ring_v, ring_pos, ring_fk, state, norm, sink_k, sink_v, sink_pos, scale,
+      window):
+    return (_out_like(q, v), *(torch.empty_like(t) for t in (ring_k, ring_v, ring_pos, ring_fk, state, norm,
+                                                              sink_k, sink_v, sink_pos)))
 
 
 @_custom_op("chunk_key_validity")

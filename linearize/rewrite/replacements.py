@@ -101,10 +101,11 @@ def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: fl
     return w_window * swa + w_linear * gla
 
 
-def lolcats_attention(q, k, v, q_pre, k_pre, *, window: int, window_scale: float, feature_map: str):
-    """LoLCATs: softmax over the last `window` keys (RoPE'd q, k) and feature-map linear attention over every older
-    key (pre-RoPE q, k), one shared normaliser (`torch.ops.linearize.hybrid_attention`)."""
+def lolcats_attention(q, k, v, q_pre, k_pre, *, window: int, window_scale: float, feature_map: str, sinks: int = 0):
+    """LoLCATs: softmax over the last `window` keys (RoPE'd q, k) and the first `sinks` keys, feature-map linear
+    attention over every other older key (pre-RoPE q, k), one shared normaliser
+    (`torch.ops.linearize.hybrid_attention`)."""
     phi = FEATURE_MAPS[feature_map]
     fq, fk = phi(q_pre.float()), phi(k_pre.float())
-    o = torch.ops.linearize.hybrid_attention(q.float(), k.float(), v.float(), fq, fk, window_scale, window)
+    o = torch.ops.linearize.hybrid_attention(q.float(), k.float(), v.float(), fq, fk, window_scale, window, sinks)
     return o.to(v.dtype)

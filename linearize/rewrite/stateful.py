@@ -56,11 +56,14 @@ def liger_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, rin
     return w_window * swa + w_linear * gla
 
 
-def lolcats_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, ring_pos, ring_fk, state, norm, *,
-                           window: int, window_scale: float, feature_map: str):
+def lolcats_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, ring_pos, ring_fk, state, norm,
+                           sink_k, sink_v, sink_pos, *, window: int, window_scale: float, feature_map: str,
+                           sinks: int = 0):
+    """`sinks` is the size of the sink buffers (empty without sinks); the op reads it from them."""
     phi = FEATURE_MAPS[feature_map]
     fq, fk = phi(q_pre.float()), phi(k_pre.float())
-    o, *new = torch.ops.linearize.ring_hybrid_attention(q.float(), k, v, fq, fk, valid, pos0, ring_k, ring_v,
-                                                         ring_pos, ring_fk, state, norm, window_scale, window)
-    _write((ring_k, ring_v, ring_pos, ring_fk, state, norm), new)
+    buffers = (ring_k, ring_v, ring_pos, ring_fk, state, norm, sink_k, sink_v, sink_pos)
+    o, *new = torch.ops.linearize.ring_hybrid_attention(q.float(), k, v, fq, fk, valid, pos0, *buffers,
+                                                         window_scale, window)
+    _write(buffers, new)
     return o.to(v.dtype)
