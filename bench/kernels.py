@@ -13,6 +13,8 @@ Rows, per model shape, T, and direction (fwd, fwd+bwd), in ms (median of triton.
     ours_gla_given    GLA on precomputed features and gates (the inputs chunk_gla takes)
     ours_simple_gla   scalar-gate GLA (mamba2-style gate from k)
     ours_liger        fused Liger layer: window softmax + GLA in one kernel, mixed before the store
+    ours_liger_sinks  the same with 4 attention sinks
+    ours_default_recipe  liger-sinks as it runs (normalised linear branch: window+sinks, GLA, denominator, mix)
     pair_ours         the unfused pair: our window kernel + our GLA kernel + the mix
     pair_ref          flex_attention sliding window + fla chunk_gla (+ feature map / gate ops) + the mix
     fla_chunk_gla, fla_chunk_simple_gla, sdpa_flash (full causal), flex_swa (sliding-window block mask)
@@ -104,6 +106,9 @@ def make_contenders(B, HQ, HKV, T, D, dtype, device, available):
     liger_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=CHUNK, dtype=dt, window=WINDOW).to_json()
     sinks_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=CHUNK, dtype=dt, window=WINDOW, sinks=4).to_json()
     swa_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=16, dtype=dt, linear=False, window=WINDOW).to_json()
+    swa_sinks_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=16, dtype=dt, linear=False, window=WINDOW,
+                                sinks=4).to_json()
+    den_spec = KernelSpec(head_k=D, head_v=16, group=G, chunk=CHUNK, dtype=dt).to_json()
     scale = 1.0 / math.sqrt(D)
     feat_q, feat_k = q.float().softmax(-1).to(dtype), k.float().softmax(-1).to(dtype)
     gate = (F.logsigmoid(k.float()) / 16).contiguous()
@@ -126,6 +131,15 @@ def make_contenders(B, HQ, HKV, T, D, dtype, device, available):
         return 0.5 * swa + 0.5 * lin
 
     c["pair_ours"] = (pair_ours, (q, k, v, qr, kr), "liger")
+
+    def default_recipe(q, k, v, qr, kr):  # liger-sinks as it runs: window + sinks, GLA, its denominator, the mix
+        swa = ops.triton_attention(qr, kr, v, qr, kr, None, None, swa_sinks_spec, 1.0, scale)[0]
+        num = ops.triton_attention(q, k, v, None, None, None, None, gla_spec, 1.0, 1.0)[0]
+        ones = F.pad(torch.ones_like(v[..., :1]), (0, 15))
+        den = ops.triton_attention(q, k, ones, None, None, None, None, den_spec, 1.0, 1.0)[0][..., :1]
+        return 0.9 * swa + 0.1 * num / den.clamp_min(1e-6)
+
+    c["ours_default_recipe"] = (default_recipe, (q, k, v, qr, kr), "liger")
 
     if device == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -207,7 +221,8 @@ def precompile(models, seqs, tokens, workers: int, limit_s: float) -> list[dict]
     sizes and head dims, not T), are cached on disk too, so the timing process does not tune again."""
     import multiprocessing as mp
 
-    names = ["ours_gla", "ours_gla_given", "ours_simple_gla", "ours_liger", "ours_liger_sinks", "pair_ours",
+    names = ["ours_gla", "ours_gla_given", "ours_simple_gla", "ours_liger", "ours_liger_sinks", "ours_default_recipe",
+             "pair_ours",
              "fla_chunk_gla",
              "fla_chunk_simple_gla", "sdpa_flash"]
     jobs = [(m, n, 1024, 1) for m in models for n in names]
@@ -423,7 +438,9 @@ def summarize(rows) -> dict:
              "simple_gla_vs_fla_chunk_simple_gla": ("fla_chunk_simple_gla", "ours_simple_gla"),
              "liger_fused_vs_pair_ours": ("pair_ours", "ours_liger"),
              "liger_fused_vs_pair_ref": ("pair_ref", "ours_liger"),
-             "liger_vs_sdpa_flash": ("sdpa_flash", "ours_liger")}
+             "liger_vs_sdpa_flash": ("sdpa_flash", "ours_liger"),
+             "default_recipe_vs_fused_liger": ("ours_liger", "ours_default_recipe"),
+             "default_recipe_vs_sdpa_flash": ("sdpa_flash", "ours_default_recipe")}
     ratios, lines, crossover = [], [], {}
     keys = sorted({(r["model"], r["T"], r["direction"]) for r in rows})
     for model, T, direction in keys:
