@@ -264,6 +264,11 @@ def load(spec: str, dtype: torch.dtype = torch.float32):
     path = pathlib.Path(spec).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model {spec!r}: not one of {', '.join(MODEL_NAMES)} and not a folder")
+    if (path / "recovered.json").is_file() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path / 'recovered.json'}: a recovery's LoRA adapter, not a model (no config.json): it needs the base "
+            "model converted under the rules it records; evaluate the full checkpoint that `linearize recover --out "
+            "DIR` saves beside it, or run `linearize demo`, which applies the shipped adapter")
     tokenizer = _tokenizer_in(path)
     import json
 

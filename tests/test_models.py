@@ -214,3 +214,17 @@ def test_demo_end_to_end_small(smollm2):
     gen = out["generation"]
     assert gen["swa"]["diff"] <= 1e-4  # token-by-token decoding = one full forward
     assert gen["swa"]["bytes"] < gen["original"]["bytes"] and gen["swa"]["text"]
+
+
+def test_an_adapter_folder_is_refused_with_the_way_to_evaluate_it():
+    """A recovery's adapter folder (recovered.json, no config.json) is not a model: transformers would go looking
+    for one on the hub; the loader says what the folder is instead."""
+    import pathlib
+
+    import pytest
+
+    from linearize import models
+
+    shipped = pathlib.Path(models.__file__).with_name("recovered") / "smollm2-liger-sinks"
+    with pytest.raises(FileNotFoundError, match="recovered.json: a recovery's LoRA adapter"):
+        models.load(str(shipped))
