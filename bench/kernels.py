@@ -106,9 +106,6 @@ def make_contenders(B, HQ, HKV, T, D, dtype, device, available):
     liger_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=CHUNK, dtype=dt, window=WINDOW).to_json()
     sinks_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=CHUNK, dtype=dt, window=WINDOW, sinks=4).to_json()
     swa_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=16, dtype=dt, linear=False, window=WINDOW).to_json()
-    swa_sinks_spec = KernelSpec(head_k=D, head_v=D, group=G, chunk=16, dtype=dt, linear=False, window=WINDOW,
-                                sinks=4).to_json()
-    den_spec = KernelSpec(head_k=D, head_v=16, group=G, chunk=CHUNK, dtype=dt).to_json()
     scale = 1.0 / math.sqrt(D)
     feat_q, feat_k = q.float().softmax(-1).to(dtype), k.float().softmax(-1).to(dtype)
     gate = (F.logsigmoid(k.float()) / 16).contiguous()
@@ -132,12 +129,13 @@ def make_contenders(B, HQ, HKV, T, D, dtype, device, available):
 
     c["pair_ours"] = (pair_ours, (q, k, v, qr, kr), "liger")
 
+    from linearize.rewrite import replacements, rules
+
+    (default_rule,) = rules.load(None).rules  # the default recipe's own parameters, through the model's code path
+
     def default_recipe(q, k, v, qr, kr):  # liger-sinks as it runs: window + sinks, GLA, its denominator, the mix
-        swa = ops.triton_attention(qr, kr, v, qr, kr, None, None, swa_sinks_spec, 1.0, scale)[0]
-        num = ops.triton_attention(q, k, v, None, None, None, None, gla_spec, 1.0, 1.0)[0]
-        ones = F.pad(torch.ones_like(v[..., :1]), (0, 15))
-        den = ops.triton_attention(q, k, ones, None, None, None, None, den_spec, 1.0, 1.0)[0][..., :1]
-        return 0.9 * swa + 0.1 * num / den.clamp_min(1e-6)
+        return replacements.liger_attention(qr, kr, v, q, k, window_scale=scale, kernels="triton",
+                                            **default_rule.params)
 
     c["ours_default_recipe"] = (default_recipe, (q, k, v, qr, kr), "liger")
 

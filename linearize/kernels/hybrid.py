@@ -58,7 +58,7 @@ class _Blocks:
         self.sink_v = v[:, :, None, None, :self.sinks].to(self.acc)
         self.k2, self.v2 = self.pair(self.k), self.pair(self.v)
         self.fk_prev, self.v_prev = self.previous(self.fk), self.previous(self.v)
-        self.window_mask, self.linear_mask = self._masks(q.device)
+        self.window_mask, self.linear_mask, self.sink_mask = self._masks(q.device)
 
     def split(self, x: Tensor, groups: int) -> Tensor:
         return split_blocks(x, self.batch, self.hkv, groups, self.n, self.w, self.acc)
@@ -94,8 +94,8 @@ class _Blocks:
         older = cols[:, :w] <= rows  # key in block n-1 at offset c is at least W back iff c <= r
         linear_mask = older & has_prev  # [N, W, W]
         qpos = torch.arange(self.n, device=device)[:, None, None] * w + rows  # [N, W, 1]
-        self.sink_mask = qpos - torch.arange(self.sinks, device=device) >= w  # [N, W, sinks]: older than the window
-        return window_mask, linear_mask
+        sink_mask = qpos - torch.arange(self.sinks, device=device) >= w  # [N, W, sinks]: older than the window
+        return window_mask, linear_mask, sink_mask
 
     def running_sums(self) -> tuple[Tensor, Tensor]:
         """H_n = sum_{j <= n-2} fk_j^T v_j ([.., N, F, Dv]) and z_n = sum_{j <= n-2} sum fk_j ([.., N, F])."""

@@ -54,11 +54,7 @@ def ring_window_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos0: 
                           ring_v: Tensor, ring_pos: Tensor, sink_k: Tensor, sink_v: Tensor, sink_pos: Tensor,
                           scale: float, window: int):
     """Window attention of a chunk against the ring and the attention sinks (empty [B, Hkv, 0, D] buffers: none)."""
-    sinks = dict(sink_k=sink_k, sink_v=sink_v, sink_pos=sink_pos) if sink_k.shape[2] else {}
-    out = ring_attention(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale, window, **sinks)
-    if not sinks:
-        out = (*out, sink_k.clone(), sink_v.clone(), sink_pos.clone())
-    return tuple(t.contiguous() for t in out)
+    return _ring(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, scale, window)
 
 
 @ring_window_attention.register_fake
@@ -71,9 +67,15 @@ def ring_hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tenso
                           ring_k: Tensor, ring_v: Tensor, ring_pos: Tensor, ring_fk: Tensor, state: Tensor,
                           norm: Tensor, sink_k: Tensor, sink_v: Tensor, sink_pos: Tensor, scale: float, window: int):
     """LoLCATs' hybrid of a chunk against the ring, the linear sums and the attention sinks (empty: none)."""
+    return _ring(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, scale, window,
+                 fq=fq, fk=fk, ring_fk=ring_fk, state=state, norm=norm)
+
+
+def _ring(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, scale, window, **hybrid):
+    """ring_attention with the sink buffers passed only when they hold sinks; empty ones are returned as copies
+    (custom-op outputs may not alias inputs), so both ops always return their sink buffers last."""
     sinks = dict(sink_k=sink_k, sink_v=sink_v, sink_pos=sink_pos) if sink_k.shape[2] else {}
-    out = ring_attention(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale, window,
-                         fq=fq, fk=fk, ring_fk=ring_fk, state=state, norm=norm, **sinks)
+    out = ring_attention(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, scale, window, **hybrid, **sinks)
     if not sinks:
         out = (*out, sink_k.clone(), sink_v.clone(), sink_pos.clone())
     return tuple(t.contiguous() for t in out)
