@@ -209,6 +209,7 @@ def from_pretrained(path, *, dtype: Optional[torch.dtype] = None, device=None, *
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .generation import convert
+    from .generation.convert import install_learned
     from .models import no_init_weights
 
     path = pathlib.Path(path)
@@ -222,14 +223,15 @@ def from_pretrained(path, *, dtype: Optional[torch.dtype] = None, device=None, *
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # before loading: a tied pair is stored once, under either name
+    rules_file = path / section["rules_file"]
+    if not rules_file.is_file():
+        raise CheckpointError(f"{path}: {section['rules_file']} is missing; the saved decisions cannot be applied")
+    install_learned(model, str(rules_file))  # learned recipe parameters are weights of the checkpoint too
     _load_weights(model, path / section["weights"])
     model.to(dtype=dtype, device=device).eval()
     lora = section.get("lora") or {}
     if lora.get("folder"):
         model = _load_adapter(model, path / lora["folder"])
-    rules_file = path / section["rules_file"]
-    if not rules_file.is_file():
-        raise CheckpointError(f"{path}: {section['rules_file']} is missing; the saved decisions cannot be applied")
     convert(model, rules=str(rules_file), **options)
     check_decisions(model, str(rules_file), section["sites"], path)
     return model

@@ -202,7 +202,7 @@ def explain(model, *args, rules=None, numerics: bool = False, debug_dir: Optiona
             report.contexts.append(ctx)
             report.captures[ctx.graph_id] = holder
 
-        options = {"rules": rules, "inner": "eager", "record": record, "observe": recorder}
+        options = {"rules": rules, "inner": "eager", "record": record, "observe": recorder, "learned": "initial"}
         if debug_dir:
             options["debug_dir"] = str(debug_dir)
         compiled = linearize_backend(gm, example_inputs, options=options)

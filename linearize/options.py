@@ -10,6 +10,7 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 # The rule set used when none is given, chosen by zero-shot measurement (docs/rule-files.md, "Choosing the default")
 DEFAULT_RULES = "liger-sinks"
 KERNEL_CHOICES = ("auto", "triton", "reference")
+LEARNED_CHOICES = ("require", "initial")
 
 
 @dataclass
@@ -23,6 +24,9 @@ class Options:
     # Write the graph after each pass (code, diff, DOT, SVG) under this folder, one subfolder per captured graph;
     # defaults to the LINEARIZE_DEBUG_DIR environment variable.
     debug_dir: Optional[str] = field(default_factory=lambda: os.environ.get("LINEARIZE_DEBUG_DIR") or None)
+    # a rule that learns a parameter (`learn: [mix]`) the model does not carry (linearize.convert registers them):
+    # "require" is an error; "initial" runs the rule's constant (explain and the planners describe, not train)
+    learned: str = "require"
     observe: Optional[Callable] = None  # observe(stage, gm, ctx): before the first pass ("input") and after each
 
     @classmethod
@@ -39,4 +43,6 @@ class Options:
             raise ValueError(f"linearize: inner must be one of {', '.join(INNER_COMPILERS)}, got {opts.inner!r}")
         if opts.kernels not in KERNEL_CHOICES:
             raise ValueError(f"linearize: kernels must be one of {', '.join(KERNEL_CHOICES)}, got {opts.kernels!r}")
+        if opts.learned not in LEARNED_CHOICES:
+            raise ValueError(f"linearize: learned must be one of {', '.join(LEARNED_CHOICES)}, got {opts.learned!r}")
         return opts

@@ -35,6 +35,7 @@ import torch
 
 from .data import pack, read_corpus
 from .options import DEFAULT_RULES
+from .passes.bind_learned import PARAMETERS_ATTR
 
 STAGES = ("transfer", "lora")
 STATE_DIR = "recover_state"
@@ -152,11 +153,11 @@ class Run:
                                "transfer stage has nothing to train (use stages=('lora',) or other rules)")
         self.model = _with_lora(model, cfg)
         self.base = peft_base(self.model)
-        for name, p in self.model.named_parameters():
-            p.requires_grad_("lora_" in name)
         self.captured: dict = {}
         self._hooks = [self._hook(self.base.get_submodule(s.module_path), i) for i, s in enumerate(self.sites)]
-        convert(self.model, rules=cfg.rules)
+        convert(self.model, rules=cfg.rules)  # registers the parameters the rules learn (`learn: [mix]`)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(_trained(name))
 
     # -- the two passes ------------------------------------------------------------------------------
     def _hook(self, module, i: int):
@@ -180,11 +181,15 @@ class Run:
 
     # -- training ------------------------------------------------------------------------------------
     def trainable(self, stage: str) -> list:
+        """LoRA on the stage's targets, and in every stage the recipe's learned parameters (rule files'
+        `learn: [mix]`): the transfer loss is where they matter most, and they keep adapting to the LoRA."""
         targets = self.cfg.transfer_targets if stage == "transfer" else self.cfg.lora_targets
-        names = [n for n, p in self.model.named_parameters() if "lora_" in n and _target_of(n) in targets]
+        names = [n for n, p in self.model.named_parameters()
+                 if ("lora_" in n and _target_of(n) in targets) or PARAMETERS_ATTR in n]
         if not names:
-            raise RecoverError(f"stage {stage!r}: no LoRA adapter on {', '.join(targets)} in this model; trainable "
-                               f"targets here: {sorted({_target_of(n) for n, _ in self.model.named_parameters() if 'lora_' in n})}")
+            raise RecoverError(f"stage {stage!r}: no LoRA adapter on {', '.join(targets)} and no learned recipe "
+                               "parameter in this model; trainable targets here: "
+                               f"{sorted({_target_of(n) for n, _ in self.model.named_parameters() if 'lora_' in n})}")
         params = dict(self.model.named_parameters())
         return [params[n] for n in names]
 
@@ -323,6 +328,7 @@ class Run:
         tmp.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(self.model).items()},
                   str(tmp / "adapter.safetensors"))
+        save_learned(self.model, tmp)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(
@@ -341,6 +347,7 @@ class Run:
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(self.model, load_file(str(folder / "adapter.safetensors")))
+        load_learned_file(self.model, self.cfg.rules, folder)
         self._pending = torch.load(folder / "optimizer.pt", weights_only=True)
         state = json.loads((folder / "state.json").read_text())
         self.table = state["table"]
@@ -364,6 +371,35 @@ def shipped_adapter(rules: str, model: str = "smollm2") -> tuple:
         raise RecoverError(f"{folder}: records model {meta.get('model')!r}, rules {meta.get('rules')!r}, not "
                            f"{model!r}, {rules!r}")
     return folder, meta
+
+
+LEARNED_FILE = "learned.safetensors"  # beside a peft adapter: the recipe parameters the rules learn
+
+
+def save_learned(model, folder: pathlib.Path) -> None:
+    """Write the learned recipe parameters of `model` (if any) to `folder/learned.safetensors`."""
+    from safetensors.torch import save_file
+
+    from .generation.convert import learned_parameters
+
+    params = learned_parameters(model)
+    if params:
+        save_file({k: v.detach().contiguous() for k, v in params.items()}, str(folder / LEARNED_FILE))
+
+
+def load_learned_file(model, rules, folder: pathlib.Path) -> None:
+    """Give `model` the learned recipe parameters saved in `folder` (strict: they must be exactly what `rules`
+    learn). Rules that learn something need the file: their constants would silently stand in for trained values."""
+    from safetensors.torch import load_file
+
+    from .generation.convert import install_learned, load_learned
+
+    file = folder / LEARNED_FILE
+    if file.is_file():
+        load_learned(model, rules, load_file(str(file)), file)
+    elif install_learned(model, rules):
+        raise RecoverError(f"{folder}: rules {rules!r} learn recipe parameters but {LEARNED_FILE} is missing; it "
+                           "was trained under other rules, or copied without that file")
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -420,6 +456,10 @@ def _with_lora(model, cfg: RecoverConfig):
         torch.manual_seed(cfg.seed)
         return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                 target_modules=targets))
+
+
+def _trained(param_name: str) -> bool:
+    return "lora_" in param_name or PARAMETERS_ATTR in param_name
 
 
 def _target_of(param_name: str) -> str:
@@ -482,6 +522,7 @@ def _write_outputs(run: Run, result: dict, out: pathlib.Path) -> None:
     from .checkpoint import save_pretrained
 
     save_pretrained(run.model, out, tokenizer=run.tokenizer, lora="adapter", overwrite=True)
+    save_learned(run.model, out / "adapter")  # so the adapter folder alone (shipped, `load_recovered`) is complete
     (out / "recover.json").write_text(json.dumps(result, indent=1))
     (out / "recover.md").write_text(markdown(result) + "\n")
     plot(result, out / "recover.png")

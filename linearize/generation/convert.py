@@ -16,11 +16,118 @@ def convert(model, rules=None, **options):
 
     rules = DEFAULT_RULES if rules is None else rules
     Options.from_dict({"rules": rules, **options})  # unknown options fail here, not at the first call
+    install_learned(model, rules)
     for m in _layers(model):
         m.compile(backend="linearize", options={"rules": rules, **options})
         m._linearize_rules = rules
         m.__dict__.pop("_linearize_plans", None)
     return model
+
+
+def install_learned(model, rules) -> dict:
+    """Register the parameters `rules` learn (`learn: [mix]`, rewrite/learned.py) on the attention modules of
+    `model` (of the transformers model inside a peft wrapper), starting from the rule's constants, with the pre-hook
+    that lifts them into the captured graph (lowering/learned_ops.py). Parameters already there (trained, loaded)
+    are kept; one of another shape is an error. Returns {qualified name: parameter}; {} when nothing is learned.
+
+    They are ordinary parameters of the model: in `parameters()`, the optimizer, the `state_dict` and checkpoints,
+    and they survive recompiles, which a parameter created by the backend could not."""
+    import torch
+
+    from ..passes.bind_learned import PARAMETERS_ATTR, LearnedParameterError
+    from ..rewrite import rules as rule_sets
+    from ..rewrite.learned import LEARNABLE, learned_names
+    from .plan import decide_sites
+
+    if not any(r.params.get("learn") for r in rule_sets.load(rules).rules):
+        return {}
+    base = peft_base(model) or model
+    out = {}
+    for site in decide_sites(base, rules).sites:
+        names = learned_names(site.params)
+        if not names:
+            continue
+        module = base.get_submodule(site.module_path)
+        store = getattr(module, PARAMETERS_ATTR, None)
+        if store is None:
+            store = torch.nn.ParameterDict()
+            module.register_module(PARAMETERS_ATTR, store)
+            module._linearize_learned_hook = module.register_forward_pre_hook(_lift_learned, with_kwargs=True)
+        device = next(module.parameters()).device
+        for name in names:
+            init = LEARNABLE[site.rewrite][name].initial(site.params, site).to(device)
+            if name not in store:
+                store[name] = torch.nn.Parameter(init)
+            elif store[name].shape != init.shape:
+                raise LearnedParameterError(f"linearize: {site.module_path}.{PARAMETERS_ATTR}.{name} has shape "
+                                            f"{list(store[name].shape)}, rules {rules!r} need {list(init.shape)}")
+            out[f"{site.module_path}.{PARAMETERS_ATTR}.{name}"] = store[name]
+    return out
+
+
+def learned_parameters(model) -> dict:
+    """{name: parameter} of the learned recipe parameters `install_learned` put on `model` (names relative to the
+    transformers model, also inside a peft wrapper: `model.layers.0.self_attn.linearize_learned.mix`)."""
+    from ..passes.bind_learned import PARAMETERS_ATTR
+
+    base = peft_base(model) or model
+    return {n: p for n, p in base.named_parameters() if f".{PARAMETERS_ATTR}." in f".{n}"}
+
+
+def load_learned(model, rules, tensors: dict, where) -> None:
+    """Install the parameters `rules` learn and set them from `tensors` ({name: tensor}, as `learned_parameters`
+    names them). Strict: a missing, unexpected or mis-shaped tensor is an error naming `where`, never a silent
+    fallback to the rule's constants."""
+    import torch
+
+    from ..passes.bind_learned import LearnedParameterError
+
+    params = install_learned(model, rules)
+    missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or extra:
+        raise LearnedParameterError(f"{where}: learned parameters do not match rules {rules!r}: missing "
+                                    f"{missing[:3] or 'none'}, unexpected {extra[:3] or 'none'}; it was saved "
+                                    "under other rules or for another model")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise LearnedParameterError(f"{where}: {name} has shape {list(tensors[name].shape)}, the model "
+                                            f"needs {list(p.shape)}")
+            p.copy_(tensors[name])
+
+
+def remove_learned(model, keep=()) -> None:
+    """Take the learned parameters and their pre-hooks off every attention module of `model` whose path is not in
+    `keep`: a temporary conversion (`converted`) must not leave values that a later rule set would start from."""
+    import torch
+
+    from ..passes.bind_learned import PARAMETERS_ATTR
+
+    base = peft_base(model) or model
+    for path, module in list(base.named_modules()):
+        if path not in keep and isinstance(getattr(module, PARAMETERS_ATTR, None), torch.nn.Module):
+            module._linearize_learned_hook.remove()
+            del module._linearize_learned_hook
+            delattr(module, PARAMETERS_ATTR)
+
+
+def _lift_learned(module, args, kwargs):
+    """Pass each learned parameter of `module` through `linearize::learned` with the module's first floating
+    input, so Dynamo lifts it into the graph inside this module (passes/bind_learned.py binds it to the site)."""
+    import torch
+
+    from ..passes.bind_learned import PARAMETERS_ATTR
+
+    store = getattr(module, PARAMETERS_ATTR)
+    args, kwargs = list(args), dict(kwargs)
+    for seq, key in [*((args, i) for i in range(len(args))), *((kwargs, k) for k in kwargs)]:
+        x = seq[key]
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            for name, p in store.items():
+                x = torch.ops.linearize.learned(x, p, name)
+            seq[key] = x
+            return tuple(args), kwargs
+    return None
 
 
 def revert(model):
@@ -38,11 +145,13 @@ def converted(model, rules, **options):
     serves one rule set after another (evaluation rows, planning probes)."""
     import torch
 
+    had = {n.rsplit(".", 2)[0] for n in learned_parameters(model)}
     convert(model, rules=rules, **options)
     try:
         yield model
     finally:
         revert(model)
+        remove_learned(model, keep=had)
         torch._dynamo.reset()
 
 

@@ -1,6 +1,6 @@
 """The pass pipeline over Dynamo's FX graph: a list of named passes, each `(gm, ctx) -> gm`.
 
-graph in -> find_attention -> bind_state_cache -> trace_provenance -> classify_masks -> apply_rules -> rewrite_sites -> cleanup -> graph out (lowering)
+graph in -> find_attention -> bind_state_cache -> trace_provenance -> classify_masks -> apply_rules -> bind_learned -> rewrite_sites -> cleanup -> graph out (lowering)
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .apply_rules import apply_rules
+from .bind_learned import bind_learned
 from .bind_state_cache import bind_state_cache
 from .classify_masks import classify_masks
 from .cleanup import cleanup
@@ -25,7 +26,8 @@ class Pass:
 
 
 DEFAULT_PIPELINE = [Pass(fn.__name__, fn) for fn in
-                    (find_attention, bind_state_cache, trace_provenance, classify_masks, apply_rules, rewrite_sites, cleanup)]
+                    (find_attention, bind_state_cache, trace_provenance, classify_masks, apply_rules, bind_learned, rewrite_sites,
+                      cleanup)]
 
 
 def run_pipeline(gm, ctx: PassContext, passes=DEFAULT_PIPELINE):

@@ -99,6 +99,7 @@ class AttentionSite:
     params: dict = field(default_factory=dict)
     rule: Optional[str] = None
     reason: Optional[str] = None  # why the site was kept, when it was
+    learned: dict = field(default_factory=dict)  # learned parameter name -> its graph node (passes/bind_learned.py)
 
     @property
     def provenance_found(self) -> bool:

@@ -89,16 +89,24 @@ def liger_attention(q, k, v, q_pre, k_pre, *, window: int, mix, window_scale: fl
     """Liger attention: mix[0] * window softmax (RoPE'd q, k; with `sinks` first tokens) + mix[1] * gated linear
     (pre-RoPE q, k).
 
-    With generated kernels both branches run in one fused Triton kernel (mixed before the store)."""
-    if _triton.use_triton(kernels, v.device):
+    `mix` is two constants, or a learned [2, query heads] tensor (rewrite/learned.py). With generated kernels and
+    constant weights both branches run in one fused Triton kernel (mixed before the store)."""
+    if _triton.use_triton(kernels, v.device) and not isinstance(mix, torch.Tensor):
         out = _triton.liger(q, k, v, q_pre, k_pre, window=window, mix=mix, window_scale=window_scale, sinks=sinks,
                             **gla_params)
         if out is not None:
             return out
-    w_window, w_linear = mix
     swa = window_attention(q, k, v, window=window, scale=window_scale, sinks=sinks, kernels=kernels)
     gla = gla_attention(q_pre, k_pre, v, kernels=kernels, **gla_params)
-    return w_window * swa + w_linear * gla
+    return mixed(mix, swa, gla)
+
+
+def mixed(mix, window_out, linear_out):
+    """mix[0] * window + mix[1] * linear; a learned mix [2, H] weighs each head of the [B, H, T, D] outputs."""
+    if isinstance(mix, torch.Tensor):
+        w = mix.to(window_out.dtype)[:, None, :, None, None]
+        return w[0] * window_out + w[1] * linear_out
+    return mix[0] * window_out + mix[1] * linear_out
 
 
 def lolcats_attention(q, k, v, q_pre, k_pre, *, window: int, window_scale: float, feature_map: str, sinks: int = 0):

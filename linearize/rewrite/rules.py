@@ -34,6 +34,7 @@ from ..options import DEFAULT_RULES
 from . import selectors, shape_expr
 from .diagnostics import Mark, RuleError, RuleWarning, joined, suggest
 from .gates import GATE_PARAMS
+from .learned import LEARNABLE
 from .targets import TARGETS
 from .yamlsource import YList, YMap, load_located
 
@@ -56,10 +57,6 @@ PATTERN_KEYS = {"expr": "the attention as an expression over $q, $k, $v (and $sc
                 "where": "constraints the captures must meet",
                 "description": "what the pattern is"}
 ANY_PATTERN = "attention"
-# Why `mix: learnable` is refused (see docs/rule-files.md, "Learnable mixing").
-LEARNABLE_MIX = ("`mix: learnable` is not supported: a backend rewrites one captured graph at a time, and a "
-                 "parameter it created would not be in model.parameters() or the state_dict, would be invisible to "
-                 "the optimizer, and would be created anew at every recompile")
 DEFAULT = DEFAULT_RULES
 _GATE_SPECIFIC = {p for params in GATE_PARAMS.values() for p in params}
 
@@ -376,7 +373,7 @@ class _Compiler:
             raise RuleError(f"`with:` must be a mapping of parameters, got {_kind(given)}", wm,
                             f"e.g. `with: {{{', '.join(f'{k}: {v}' for k, v in list(target.defaults.items())[:2])}}}`"
                             if target.defaults else f"`{target.name}` takes no parameters: remove `with:`")
-        constants, formulas = {}, {}
+        constants, formulas, learn_too = {}, {}, []
         for key, val in given.items():
             km, vm = given.key_mark(key), given.value_mark(key)
             if key not in target.defaults:
@@ -387,8 +384,13 @@ class _Compiler:
                 known = ", ".join(target.defaults) or "none"
                 raise RuleError(f"unknown parameter `{key}` for rewrite `{target.name}`", km,
                                 joined(hint, f"parameters: {known}"))
-            if key == "mix" and val == "learnable":
-                raise RuleError(LEARNABLE_MIX, vm, "give constant weights, e.g. `mix: [0.5, 0.5]`")
+            if val == "learnable":
+                if key not in LEARNABLE.get(target.name, {}):
+                    can = ", ".join(f"{n} ({t})" for t, ps in LEARNABLE.items() for n in ps)
+                    raise RuleError(f"`{key}` of `{target.name}` cannot be learned", vm,
+                                    f"learnable parameters: {can}; give `{key}` a constant")
+                learn_too.append(key)  # starts from the target's default, e.g. mix [0.5, 0.5]
+                continue
             default = target.defaults[key]
             numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
             if numeric and isinstance(val, str) and not _is_choice(target, key):
@@ -407,6 +409,8 @@ class _Compiler:
             except ValueError as exc:
                 raise RuleError(f"bad `{key}`: {_strip_key(str(exc), key)}", vm, _param_hint(key, val, target)) \
                     from None
+        if learn_too:
+            constants["learn"] = [*constants.get("learn", []), *learn_too]
         try:
             params = target.resolve_params(constants)
         except ValueError as exc:

@@ -49,11 +49,10 @@ def gla_attention_step(q_pre, k_pre, v, valid, pos0, state, **gla_params):
 def liger_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
                          state, *, window: int, mix, window_scale: float, sinks: int = 0, kernels: str = "auto",
                          **gla_params):
-    w_window, w_linear = mix
     swa = window_attention_step(q, k, v, valid, pos0, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos,
                                 window=window, scale=window_scale, sinks=sinks)
     gla = gla_attention_step(q_pre, k_pre, v, valid, pos0, state, kernels=kernels, **gla_params)
-    return w_window * swa + w_linear * gla
+    return R.mixed(mix, swa, gla)
 
 
 def lolcats_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, ring_pos, ring_fk, state, norm,

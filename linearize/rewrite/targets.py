@@ -19,6 +19,7 @@ from . import replacements as R
 from . import stateful as S
 from .guards import mask_is_causal
 from .gates import NONNEGATIVE_FEATURE_MAPS
+from .learned import LEARNABLE
 
 GLA_DEFAULTS = {"gate": "logsigmoid", "gate_normalizer": 16.0, "feature_map": "softmax", "chunk_size": 64,
                 "normalize": False, "scale": 1.0, "gate_lower_bound": 0.0, "decay": 0.99}
@@ -56,6 +57,9 @@ class Target:
         """Defaults overlaid with `given`; unknown names, wrong types and bad values raise ValueError."""
         params = dict(self.defaults)
         for key, val in given.items():
+            if key == "learn" and key in self.defaults:
+                params[key] = self._learn(val)
+                continue
             if key not in self.defaults:
                 close = difflib.get_close_matches(str(key), list(self.defaults), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -66,6 +70,16 @@ class Target:
                 raise ValueError(f"{key}: {val!r} is not one of {', '.join(map(str, self.choices[key]))}")
         _validate(params)
         return params
+
+    def _learn(self, val) -> list:
+        """`learn:` names parameters of this target that have a learnable form (rewrite/learned.py)."""
+        names = list(LEARNABLE.get(self.name, {}))
+        if not isinstance(val, list) or not all(isinstance(x, str) for x in val):
+            raise ValueError(f"learn: expected a list of parameter names ({', '.join(names)}), got {val!r}")
+        for x in val:
+            if x not in names:
+                raise ValueError(f"learn: {x!r} cannot be learned in {self.name}; learnable: {', '.join(names)}")
+        return sorted(set(val), key=val.index)
 
 
 def _coerce(key, val, default):
@@ -226,7 +240,8 @@ def _emit_gla(graph, site, params):
 
 def _emit_liger(graph, site, params):
     p = site.provenance
-    kwargs = {"window": params["window"], "sinks": params["sinks"], "mix": tuple(params["mix"]),
+    mix = site.learned.get("mix", tuple(params["mix"]))  # a learned mix is a graph input (bind_learned)
+    kwargs = {"window": params["window"], "sinks": params["sinks"], "mix": mix,
               "window_scale": site.scale, **_gla_kwargs(params)}
     return _call(graph, site, R.liger_attention, S.liger_attention_step,
                  (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
@@ -251,7 +266,7 @@ TARGETS = {
     "keep": Target("keep", {}, _check_keep, None),
     "swa": Target("swa", dict(WINDOW_DEFAULTS), _check_window, _emit_window, state_buffers=_RING),
     "gla": Target("gla", dict(GLA_DEFAULTS), _check_linear, _emit_gla, _GLA_CHOICES, state_buffers=("state",)),
-    "liger": Target("liger", {**WINDOW_DEFAULTS, **GLA_DEFAULTS, "mix": [0.5, 0.5]}, _check_liger, _emit_liger,
+    "liger": Target("liger", {**WINDOW_DEFAULTS, **GLA_DEFAULTS, "mix": [0.5, 0.5], "learn": []}, _check_liger, _emit_liger,
                     _GLA_CHOICES, state_buffers=(*_RING, "state")),
     "lolcats": Target("lolcats", {**WINDOW_DEFAULTS, "feature_map": "softmax"}, _check_linear,
                       _emit_lolcats, _LOLCATS_CHOICES,
