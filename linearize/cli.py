@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     rec.add_argument("--seq-len", type=int, default=512)
     rec.add_argument("--batch-size", type=int, default=1, help="sequences per step, over all processes")
     rec.add_argument("--lr", type=float, default=1e-3)
+    rec.add_argument("--learned-lr", type=float, default=None,
+                     help="learning rate of the rules' learned parameters (`learn: [mix]`); default 10x --lr")
     rec.add_argument("--lora-r", type=int, default=8)
     rec.add_argument("--lora-alpha", type=int, default=16)
     rec.add_argument("--lora-targets", default="q_proj,k_proj,v_proj", help="modules the lora stage adapts")
@@ -180,9 +182,10 @@ def _recover(args) -> int:
         model, tok = load(args.model)
         recover(model, rules=args.rules, data=args.data, tokens=parse_count(args.tokens), stages=split(args.stages),
                 out=args.out, tokenizer=tok, resume=not args.no_resume, seq_len=args.seq_len,
-                batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                batch_size=args.batch_size, lr=args.lr, learned_lr=args.learned_lr, lora_r=args.lora_r,
+                lora_alpha=args.lora_alpha,
                 lora_targets=split(args.lora_targets), transfer_targets=split(args.transfer_targets), kl=args.kl,
-                seed=args.seed, checkpoint_every=args.checkpoint_every)
+                seed=args.seed, checkpoint_every=args.checkpoint_every, model_spec=args.model)
     except (RecoverError, CorpusError, R.RuleError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -192,7 +195,7 @@ def _recover(args) -> int:
     result = json.loads((pathlib.Path(args.out) / "recover.json").read_text())
     print(markdown(result))
     print(f"trained {result['seconds'] / 60:.1f} min; wrote {args.out} (a checkpoint: linearize eval --model "
-          f"{args.out}), recover.md, recover.png")
+          f"{args.out}; its adapter/ folder alone works too), recover.md, recover.png")
     return 0
 
 

@@ -54,7 +54,7 @@ def run_tour(new_tokens: int = 24, ppl_tokens: int = 512, width: int = 80, echo=
 
     from .generation import StateCache, convert, decode_logits
     from .models import load_smollm2
-    from .recovery import shipped_adapter
+    from .recovery import load_learned_file, shipped_adapter
 
     start = time.perf_counter()
     say = lambda text: echo(f"[{time.perf_counter() - start:5.0f} s] {text}", flush=True)  # noqa: E731
@@ -93,13 +93,14 @@ def run_tour(new_tokens: int = 24, ppl_tokens: int = 512, width: int = 80, echo=
         measure("original", converted=False)
         say(f"converting with rules={DEFAULT_RULES!r} (linearize.convert, inner='eager') ...")
         convert(model, rules=DEFAULT_RULES, inner="eager")
-        measure("zero-shot", converted=True)
+        measure("zero-shot", converted=True)  # learned recipe parameters (if the rules have any) at their start
+    load_learned_file(model, DEFAULT_RULES, folder)
     measure("recovered", converted=True)
 
     line = "-" * width
     echo(line)
     echo(textwrap.fill(f"SmolLM2-135M, rules {DEFAULT_RULES!r}; recovered = LoRA r={meta['lora_r']} after "
-                       f"{meta['tokens'] // 1000}k tokens of `linearize recover` ({meta['corpus_short']})", width))
+                       f"{meta['tokens'] // 1000}k tokens of `linearize recover` ({meta.get('corpus_short', meta['corpus'])})", width))
     echo(f"{'model':<11}{'perplexity':>11}{'x orig':>8}{'cache':>12}  {'decode = full forward':<22}")
     orig = rows["original"]["ppl"]
     for name, r in rows.items():

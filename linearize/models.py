@@ -254,7 +254,8 @@ MODEL_NAMES = ("smollm2", *(f"tiny-{a}" for a in TINY_ARCHS))
 
 def load(spec: str, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer or None)`` for a model spec: ``smollm2``, ``tiny-llama`` / ``tiny-mistral`` /
-    ``tiny-qwen2``, a linearize checkpoint folder (converted as saved), or an ordinary transformers folder.
+    ``tiny-qwen2``, a linearize checkpoint folder (converted as saved), a recovery's adapter folder (`recovered.json`:
+    its base model with the adapter, converted under its rules), or an ordinary transformers folder.
 
     SmolLM2 comes from the shared cache (do not mutate it); everything else is a new object."""
     if spec == "smollm2":
@@ -265,10 +266,9 @@ def load(spec: str, dtype: torch.dtype = torch.float32):
     if not path.is_dir():
         raise FileNotFoundError(f"model {spec!r}: not one of {', '.join(MODEL_NAMES)} and not a folder")
     if (path / "recovered.json").is_file() and not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path / 'recovered.json'}: a recovery's LoRA adapter, not a model (no config.json): it needs the base "
-            "model converted under the rules it records; evaluate the full checkpoint that `linearize recover --out "
-            "DIR` saves beside it, or run `linearize demo`, which applies the shipped adapter")
+        from .recovery import load_recovered  # a recovery's adapter folder: base + rules + LoRA + learned parameters
+
+        return load_recovered(path, dtype)
     tokenizer = _tokenizer_in(path)
     import json
 

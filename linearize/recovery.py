@@ -40,7 +40,7 @@ from .passes.bind_learned import PARAMETERS_ATTR
 STAGES = ("transfer", "lora")
 STATE_DIR = "recover_state"
 # what must match for a checkpoint to continue this run (the rest may change: progress, checkpoint_every)
-RUN_IDENTITY = ("rules", "stages", "tokens", "seq_len", "batch_size", "lr", "lora_r", "lora_alpha", "lora_targets",
+RUN_IDENTITY = ("rules", "stages", "tokens", "seq_len", "batch_size", "lr", "learned_lr", "lora_r", "lora_alpha", "lora_targets",
                 "transfer_targets", "kl", "seed", "corpus")
 
 
@@ -56,6 +56,9 @@ class RecoverConfig:
     seq_len: int = 512
     batch_size: int = 1  # sequences per optimizer step, over all ranks
     lr: float = 1e-3
+    # learned recipe parameters (mix weights): O(1) scalars that Adam moves by ~lr per step, so at the LoRA's lr a
+    # few hundred steps could not take a weight from 0.5 to near 0; they get 10x unless set
+    learned_lr: Optional[float] = None
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple = ("q_proj", "k_proj", "v_proj")
@@ -79,6 +82,7 @@ class RecoverConfig:
         self.rules = str(self.rules)
         self.lora_targets, self.transfer_targets = tuple(self.lora_targets), tuple(self.transfer_targets)
         self.final_lengths = tuple(self.final_lengths)
+        self.learned_lr = float(self.learned_lr) if self.learned_lr is not None else 10 * float(self.lr)
 
     @property
     def steps_per_stage(self) -> int:
@@ -88,9 +92,11 @@ class RecoverConfig:
 
 # ------------------------------------------------------------------------------------------------ the run
 def recover(model, rules=None, data=None, tokens: int = 2_000_000, stages=STAGES, out=None, *, tokenizer=None,
-            progress: bool = True, resume: bool = True, **config):
+            progress: bool = True, resume: bool = True, model_spec: Optional[str] = None, **config):
     """Train `model` (a transformers causal LM, or a peft model around one) under `rules` and return the peft model,
-    converted in place (`linearize.convert`). `out`: a folder for the checkpoint, state, table and plots."""
+    converted in place (`linearize.convert`). `out`: a folder for the checkpoint, state, table and plots.
+    `model_spec`: the `models.load` name `model` came from; given, `out/adapter/` also gets `recovered.json`, which
+    makes the adapter folder loadable (and shippable) on its own (`load_recovered`)."""
     cfg = RecoverConfig(rules=rules or DEFAULT_RULES, stages=tuple(stages), tokens=int(tokens), **config)
     texts, cfg.corpus = read_corpus(data)
     rank, world = _distributed()
@@ -120,7 +126,7 @@ def recover(model, rules=None, data=None, tokens: int = 2_000_000, stages=STAGES
     result = {"config": dataclasses.asdict(cfg), "history": history, "table": run.table,
               "seconds": run.seconds + (state["seconds"] if state else 0.0), "world_size": world}
     if out is not None and rank == 0:
-        _write_outputs(run, result, out)
+        _write_outputs(run, result, out, model_spec)
     return run.model
 
 
@@ -214,7 +220,10 @@ class Run:
         for p in self.model.parameters():
             p.requires_grad_(id(p) in wanted)
         model = self._ddp()
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        learned = {id(p) for n, p in self.model.named_parameters() if PARAMETERS_ATTR in n}
+        groups = [{"params": [p for p in params if id(p) not in learned], "lr": cfg.lr},
+                  {"params": [p for p in params if id(p) in learned], "lr": cfg.learned_lr}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
         steps = cfg.steps_per_stage
         warmup = max(1, steps // 20)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -373,6 +382,30 @@ def shipped_adapter(rules: str, model: str = "smollm2") -> tuple:
     return folder, meta
 
 
+def load_recovered(folder, dtype: torch.dtype = torch.float32) -> tuple:
+    """(converted model, tokenizer) from a recovery's adapter folder (`recovered.json` beside a peft adapter, as
+    `linearize/recovered/` ships them): the base model it records, the LoRA merged into a copy of its weights, the
+    learned recipe parameters loaded, converted under the recorded rules. `models.load` routes such folders here,
+    so `linearize eval --model FOLDER` scores exactly what the demo shows."""
+    import copy
+
+    from peft import PeftModel
+
+    from .generation import convert
+    from .models import load
+
+    folder = pathlib.Path(folder)
+    meta = json.loads((folder / "recovered.json").read_text())
+    if not meta.get("model") or not meta.get("rules"):
+        raise RecoverError(f"{folder / 'recovered.json'}: names no base model and rules ('model', 'rules'); it "
+                           "cannot be applied")
+    base, tokenizer = load(meta["model"], dtype)
+    base = copy.deepcopy(base)  # shared loads (SmolLM2's cache) are not to be mutated
+    model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    load_learned_file(model, meta["rules"], folder)
+    return convert(model, rules=meta["rules"]), tokenizer
+
+
 LEARNED_FILE = "learned.safetensors"  # beside a peft adapter: the recipe parameters the rules learn
 
 
@@ -518,11 +551,17 @@ def _norm(v):
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def _write_outputs(run: Run, result: dict, out: pathlib.Path) -> None:
-    from .checkpoint import save_pretrained
+def _write_outputs(run: Run, result: dict, out: pathlib.Path, model_spec: Optional[str]) -> None:
+    from .checkpoint import ADAPTER_DIR, save_pretrained
 
     save_pretrained(run.model, out, tokenizer=run.tokenizer, lora="adapter", overwrite=True)
-    save_learned(run.model, out / "adapter")  # so the adapter folder alone (shipped, `load_recovered`) is complete
+    save_learned(run.model, out / ADAPTER_DIR)  # the adapter folder alone (shipped, `load_recovered`) is complete
+    if model_spec is not None:
+        cfg = result["config"]
+        record = {"model": model_spec, **{k: cfg[k] for k in ("rules", "stages", "tokens", "lora_r", "lora_alpha",
+                                                               "lora_targets", "seq_len", "lr", "corpus")},
+                  "train_minutes": round(result["seconds"] / 60, 1), "table": result["table"]}
+        (out / ADAPTER_DIR / "recovered.json").write_text(json.dumps(record, indent=1))
     (out / "recover.json").write_text(json.dumps(result, indent=1))
     (out / "recover.md").write_text(markdown(result) + "\n")
     plot(result, out / "recover.png")

@@ -216,15 +216,16 @@ def test_demo_end_to_end_small(smollm2):
     assert gen["swa"]["bytes"] < gen["original"]["bytes"] and gen["swa"]["text"]
 
 
-def test_an_adapter_folder_is_refused_with_the_way_to_evaluate_it():
-    """A recovery's adapter folder (recovered.json, no config.json) is not a model: transformers would go looking
-    for one on the hub; the loader says what the folder is instead."""
-    import pathlib
+def test_an_adapter_folder_that_names_no_base_model_is_refused(tmp_path):
+    """A recovery's adapter folder (recovered.json, no config.json) loads as base + rules + adapter
+    (tests/test_recover.py); one whose record lacks the base model or rules cannot be applied, and says so."""
+    import json
 
     import pytest
 
     from linearize import models
+    from linearize.recovery import RecoverError
 
-    shipped = pathlib.Path(models.__file__).with_name("recovered") / "smollm2-liger-sinks"
-    with pytest.raises(FileNotFoundError, match="recovered.json: a recovery's LoRA adapter"):
-        models.load(str(shipped))
+    (tmp_path / "recovered.json").write_text(json.dumps({"rules": "liger"}))
+    with pytest.raises(RecoverError, match="names no base model and rules"):
+        models.load(str(tmp_path))

@@ -208,3 +208,37 @@ def test_hugging_face_trainer_runs_the_converted_model(tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert any((p - before[n]).abs().max() > 0 for n, p in model.named_parameters() if n in before)
     assert seen and all([s.rewrite for s in ctx.sites] == ["liger", "liger"] for ctx in seen)
+
+
+def test_learned_mix_is_trained_checkpointed_and_ships_with_the_adapter(tmp_path):
+    from linearize.generation.convert import learned_parameters
+    from linearize.models import load
+    from linearize.recovery import load_learned_file
+
+    rules = tmp_path / "learn.yaml"
+    rules.write_text("rules:\n  - rewrite: liger\n    with: {window: 8, mix: [0.7, 0.3], learn: [mix]}\n")
+    out = tmp_path / "run"
+    model = recover(tiny_model("llama"), rules=str(rules), data=ONE_ROW, tokens=64 * 8, out=out, progress=False,
+                    model_spec="tiny-llama", **FAST)
+    trained = {k: v.detach().clone() for k, v in learned_parameters(model).items()}
+    assert len(trained) == 2
+    start = torch.tensor([[0.7] * 4, [0.3] * 4])
+    assert all((v - start).abs().max() > 1e-3 for v in trained.values()), trained  # the optimizer moved them
+    for folder in ("recover_state", "adapter"):
+        assert (out / folder / "learned.safetensors").is_file()
+    ids = torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    torch._dynamo.reset()
+    resumed = recover(tiny_model("llama"), rules=str(rules), data=ONE_ROW, tokens=64 * 8, out=out, progress=False,
+                      model_spec="tiny-llama", **FAST)  # finished run: state restored, nothing trained
+    for k, v in learned_parameters(resumed).items():
+        torch.testing.assert_close(v.detach(), trained[k])
+    for loaded in (linearize.from_pretrained(out), load(str(out / "adapter"))[0]):  # checkpoint; adapter folder
+        for k, v in learned_parameters(loaded).items():
+            torch.testing.assert_close(v.detach(), trained[k])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+    (out / "adapter" / "learned.safetensors").unlink()
+    with pytest.raises(RecoverError, match="learn recipe parameters but learned.safetensors is missing"):
+        load_learned_file(tiny_model("llama"), str(rules), out / "adapter")
