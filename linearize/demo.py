@@ -100,7 +100,8 @@ def run_tour(new_tokens: int = 24, ppl_tokens: int = 512, width: int = 80, echo=
     line = "-" * width
     echo(line)
     echo(textwrap.fill(f"SmolLM2-135M, rules {DEFAULT_RULES!r}; recovered = LoRA r={meta['lora_r']} after "
-                       f"{meta['tokens'] // 1000}k tokens of `linearize recover` ({meta.get('corpus_short', meta['corpus'])})", width))
+                       f"{meta['tokens'] // 1000}k tokens of `linearize recover` "
+                       f"({meta.get('corpus_short', meta['corpus'])})", width))
     echo(f"{'model':<11}{'perplexity':>11}{'x orig':>8}{'cache':>12}  {'decode = full forward':<22}")
     orig = rows["original"]["ppl"]
     for name, r in rows.items():

@@ -26,8 +26,8 @@ class Pass:
 
 
 DEFAULT_PIPELINE = [Pass(fn.__name__, fn) for fn in
-                    (find_attention, bind_state_cache, trace_provenance, classify_masks, apply_rules, bind_learned, rewrite_sites,
-                      cleanup)]
+                    (find_attention, bind_state_cache, trace_provenance, classify_masks, apply_rules, bind_learned,
+                     rewrite_sites, cleanup)]
 
 
 def run_pipeline(gm, ctx: PassContext, passes=DEFAULT_PIPELINE):
