@@ -47,6 +47,9 @@ def install_learned(model, rules) -> dict:
         names = learned_names(site.params)
         if not names:
             continue
+        if not site.module_path:
+            raise LearnedParameterError(f"linearize: rules {rules!r} learn {list(names)} at {site.node.name}, which "
+                                        "belongs to no attention module: there is nowhere to keep the parameters")
         module = base.get_submodule(site.module_path)
         store = getattr(module, PARAMETERS_ATTR, None)
         if store is None:
