@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 # The rule set used when none is given, chosen by zero-shot measurement (docs/rule-files.md, "Choosing the default")
-DEFAULT_RULES = "liger-sinks"
+DEFAULT_RULES = "liger-sinks-256"
 KERNEL_CHOICES = ("auto", "triton", "reference")
 LEARNED_CHOICES = ("require", "initial")
 

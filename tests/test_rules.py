@@ -21,7 +21,7 @@ from linearize.rewrite.shape_expr import parse as parse_expr
 
 CORPUS = Path(__file__).parent / "rules_corpus"
 CORPUS_FILES = sorted(CORPUS.glob("*.yaml"))
-RECIPES = {"liger", "liger-sinks", "liger-hybrid", "gla", "swa", "exact", "keep", "retnet", "mamba2", "hgrn2", "lolcats"}
+RECIPES = {"liger", "liger-sinks", "liger-sinks-256", "liger-hybrid", "gla", "swa", "exact", "keep", "retnet", "mamba2", "hgrn2", "lolcats"}
 
 
 def _site(layer=0, path=None, causal=True, shape=(1, 4, 2, 32, 32, 16, 16), gqa=2, pattern="sdpa"):
@@ -44,7 +44,8 @@ def test_builtin_recipes_load_without_warnings_and_cite_their_paper():
     assert rule.params["mix"] == [0.5, 0.5] and rule.params["normalize"] is False
     default = load(None)  # the default recipe, chosen by zero-shot measurement (docs/rule-files.md)
     (rule,) = default.rules
-    assert default.name == "liger-sinks" and rule.rewrite == "liger" and rule.params["sinks"] == 4
+    assert default.name == "liger-sinks-256" and rule.rewrite == "liger" and rule.params["sinks"] == 4
+    assert rule.params["window"] == 256
     assert rule.params["mix"] == [0.9, 0.1] and rule.params["normalize"] is True
 
 
