@@ -562,6 +562,11 @@ def _write_outputs(run: Run, result: dict, out: pathlib.Path, model_spec: Option
                                                                "lora_targets", "seq_len", "lr", "corpus")},
                   "train_minutes": round(result["seconds"] / 60, 1), "table": result["table"]}
         (out / ADAPTER_DIR / "recovered.json").write_text(json.dumps(record, indent=1))
+        # peft records the base's local path (a machine's venv); the folder names the portable `models.load` spec
+        peft_config = out / ADAPTER_DIR / "adapter_config.json"
+        peft_record = json.loads(peft_config.read_text())
+        peft_record["base_model_name_or_path"] = model_spec
+        peft_config.write_text(json.dumps(peft_record, indent=1))
     (out / "recover.json").write_text(json.dumps(result, indent=1))
     (out / "recover.md").write_text(markdown(result) + "\n")
     plot(result, out / "recover.png")

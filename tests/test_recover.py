@@ -226,6 +226,8 @@ def test_learned_mix_is_trained_checkpointed_and_ships_with_the_adapter(tmp_path
     assert all((v - start).abs().max() > 1e-3 for v in trained.values()), trained  # the optimizer moved them
     for folder in ("recover_state", "adapter"):
         assert (out / folder / "learned.safetensors").is_file()
+    peft_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == "tiny-llama"  # the portable spec, not this machine's path
     ids = torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
