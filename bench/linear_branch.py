@@ -1,12 +1,13 @@
-"""Does the linear branch carry information? SmolLM2 under `liger-sinks`, zero-shot and after recovery (the shipped
-adapter), with the gated linear branch as trained and with its contribution zeroed (mix [0.9, 0], and [1, 0] so the
-window keeps full weight). If zeroing it makes long-context perplexity worse, the linear branch is doing work the
-window cannot; if not, the window does everything and the "linear" model is a window model.
+"""Does the linear branch carry information? SmolLM2 under a liger recipe (`--rules`, default: the default
+recipe), zero-shot and after recovery (the shipped adapter), with the gated linear branch as trained and with its
+contribution zeroed (mix [0.9, 0], and [1, 0] so the window keeps full weight). If zeroing it makes long-context
+perplexity worse, the linear branch is doing work the window cannot; if not, the window does everything and the "linear"
+model is a window model.
 
-    python bench/linear_branch.py [--lengths 512,2k,4k]
+    python bench/linear_branch.py [--rules liger-sinks] [--lengths 512,2k,4k]
 
 Perplexity: `linearize eval`'s sliding window on the evaluation document (held out of recovery's training corpus).
-Writes bench/out/linear_branch.json and .md.
+Writes bench/out/linear_branch-<rules>.json and .md.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def zeroed(base: str, window_weight: float):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rules", default="liger-sinks", help="a rule set with a shipped recovered adapter")
+    from linearize.options import DEFAULT_RULES
+
+    parser.add_argument("--rules", default=DEFAULT_RULES, help="a rule set with a shipped recovered adapter")
     parser.add_argument("--lengths", default="512,2k,4k")
     args = parser.parse_args()
 
@@ -68,8 +71,9 @@ def main() -> None:
     print("\n".join(lines))
     dest = Path(__file__).parent / "out"
     dest.mkdir(exist_ok=True)
-    (dest / "linear_branch.json").write_text(json.dumps(out, indent=1))
-    (dest / "linear_branch.md").write_text("\n".join(lines) + "\n")
+    stem = f"linear_branch-{Path(args.rules).stem}"  # one file per recipe: a second run must not replace the first
+    (dest / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    (dest / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
