@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     rec.add_argument("--lora-targets", default="q_proj,k_proj,v_proj", help="modules the lora stage adapts")
     rec.add_argument("--transfer-targets", default="q_proj,k_proj", help="modules the transfer stage adapts")
     rec.add_argument("--kl", type=float, default=0.0, help="weight of KL(teacher || student) in the lora stage")
+    rec.add_argument("--held-out-tokens", default=None,
+                     help="score only the first N tokens of each held-out text, e.g. 4k (default: all; quick runs)")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between saved states")
     rec.add_argument("--out", required=True, help="folder: checkpoint, recover.json/.md/.png, resumable state")
@@ -185,7 +187,8 @@ def _recover(args) -> int:
                 batch_size=args.batch_size, lr=args.lr, learned_lr=args.learned_lr, lora_r=args.lora_r,
                 lora_alpha=args.lora_alpha,
                 lora_targets=split(args.lora_targets), transfer_targets=split(args.transfer_targets), kl=args.kl,
-                seed=args.seed, checkpoint_every=args.checkpoint_every, model_spec=args.model)
+                seed=args.seed, checkpoint_every=args.checkpoint_every, model_spec=args.model,
+                held_out_tokens=parse_count(args.held_out_tokens) if args.held_out_tokens else None)
     except (RecoverError, CorpusError, R.RuleError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

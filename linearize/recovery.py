@@ -69,6 +69,7 @@ class RecoverConfig:
     evals_per_stage: int = 4  # held-out perplexity points per stage (the recovery curve)
     eval_tokens: int = 512  # context of the curve's perplexity (CPython's LICENSE, held out)
     final_lengths: tuple = (512, 2048)  # the final table's contexts (LICENSE at 512, the long document beyond)
+    held_out_tokens: Optional[int] = None  # score only the first N held-out tokens (None: all; a quick run's knob)
     corpus: str = ""  # filled in: which text, for the record and for resuming
 
     def __post_init__(self):
@@ -76,7 +77,8 @@ class RecoverConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages or len(set(self.stages)) != len(self.stages):
             raise RecoverError(f"stages={self.stages}: give one or more of {', '.join(STAGES)}, each once")
-        for name in ("tokens", "seq_len", "batch_size", "lora_r"):
+        named = ("tokens", "seq_len", "batch_size", "lora_r") + (("held_out_tokens",) * (self.held_out_tokens is not None))
+        for name in named:
             if int(getattr(self, name)) < 1:
                 raise RecoverError(f"{name} must be positive, got {getattr(self, name)}")
         self.rules = str(self.rules)
@@ -302,7 +304,8 @@ class Run:
             text = english_text() if short else long_document()
             self._held_out[short] = torch.tensor([encode(text, self.tokenizer, self.model.config.vocab_size)])
         ids = self._held_out[short]
-        return ids if short else ids[:, : 3 * length]
+        ids = ids if short else ids[:, : 3 * length]
+        return ids if self.cfg.held_out_tokens is None else ids[:, : max(int(self.cfg.held_out_tokens), length)]
 
     @torch.no_grad()
     def layer_errors(self) -> list:
@@ -584,6 +587,9 @@ def markdown(result: dict) -> str:
         errs = row.get("layer_error")
         err = f"{sum(errs) / len(errs):.4f}" if errs else "0 (softmax)"
         lines.append(f"| {label} | " + " | ".join(f"{row['ppl'][L]:.2f}" for L in lengths) + f" | {err} |")
+    cap = result["config"].get("held_out_tokens")
+    if cap:  # a quick run's numbers are not comparable with full ones: say so beside them
+        lines.append(f"\nPerplexity on the first {cap} tokens of each held-out text only (held_out_tokens).")
     return "\n".join(lines)
 
 

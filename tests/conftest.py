@@ -38,6 +38,22 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_8_layers(smollm2):
+    """SmolLM2's real weights and shapes (GQA 9/3, RoPE theta 1e5, 64-dim heads, real activation scales) with its
+    first 8 of 30 layers: the per-recipe checks on the real model at about a quarter of the compile time (8 keeps
+    liger-hybrid's softmax layer 7). The full 30-layer depth is tested with the default recipe."""
+    import copy
+
+    model, tok = smollm2
+    short = copy.deepcopy(model)
+    short.model.layers = short.model.layers[:8]
+    short.config.num_hidden_layers = 8
+    if getattr(short.config, "layer_types", None):
+        short.config.layer_types = short.config.layer_types[:8]
+    return short, tok
+
+
+@pytest.fixture(scope="session")
 def char_tokenizer():
     """A character-level fast tokenizer (ids 3..), built in code: evaluation needs text, tiny models have none."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

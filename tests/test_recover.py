@@ -16,7 +16,7 @@ from linearize.recovery import RecoverError, Run, batch_rows, recover
 # one training row: every step sees the same batch, so each stage's loss must fall
 ONE_ROW = ["The quick brown fox jumps over the lazy dog. " * 3]
 FAST = dict(seq_len=64, batch_size=1, lr=5e-3, evals_per_stage=1, eval_tokens=64, final_lengths=(64,),
-            checkpoint_every=3)
+            checkpoint_every=3, held_out_tokens=256)
 
 
 def _run(out, tokens=64 * 16, model=None, **kw):
@@ -49,6 +49,7 @@ def test_each_stage_lowers_its_loss_on_a_fixed_batch(straight):
     assert table["after"]["layer_error"] and len(table["after"]["layer_error"]) == 2
     for f in ("recover.md", "recover.png", "config.json", "linearize_rules.yaml"):
         assert (out / f).is_file()
+    assert "first 256 tokens" in (out / "recover.md").read_text()  # a capped evaluation says so
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(straight, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from linearize.recovery import recover
 texts = [f"Document {i}: " + "the cat sat on the mat and looked at the door. " * (2 + i % 3) for i in range(12)]
 recover(tiny_model("llama"), rules="liger", data=texts, tokens=64 * 2 * 6, out=sys.argv[1], progress=False,
         seq_len=64, batch_size=2, lr=5e-3, evals_per_stage=1, eval_tokens=64, final_lengths=(64,),
-        checkpoint_every=100)
+        checkpoint_every=100, held_out_tokens=256)
 """
 
 
