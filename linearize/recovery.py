@@ -562,7 +562,8 @@ def _write_outputs(run: Run, result: dict, out: pathlib.Path, model_spec: Option
     if model_spec is not None:
         cfg = result["config"]
         record = {"model": model_spec, **{k: cfg[k] for k in ("rules", "stages", "tokens", "lora_r", "lora_alpha",
-                                                               "lora_targets", "seq_len", "lr", "corpus")},
+                                                               "lora_targets", "seq_len", "lr", "corpus",
+                                                               "held_out_tokens")},
                   "train_minutes": round(result["seconds"] / 60, 1), "table": result["table"]}
         (out / ADAPTER_DIR / "recovered.json").write_text(json.dumps(record, indent=1))
         # peft records the base's local path (a machine's venv); the folder names the portable `models.load` spec

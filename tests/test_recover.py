@@ -245,3 +245,23 @@ def test_learned_mix_is_trained_checkpointed_and_ships_with_the_adapter(tmp_path
     (out / "adapter" / "learned.safetensors").unlink()
     with pytest.raises(RecoverError, match="learn recipe parameters but learned.safetensors is missing"):
         load_learned_file(tiny_model("llama"), str(rules), out / "adapter")
+
+
+def test_cli_trains_writes_the_adapter_record_and_refuses_other_settings(tmp_path, capsys):
+    """`linearize recover` end to end on the tiny model and the default corpus: exit 0, the adapter folder names its
+    base model and rules, the capped evaluation is said beside the table; the same folder with another --lr exits 2
+    naming the difference, and nothing in it changes."""
+    from linearize.cli import main
+
+    out = tmp_path / "run"
+    args = ["recover", "--model", "tiny-llama", "--rules", "liger", "--stages", "lora", "--tokens", "256",
+            "--seq-len", "64", "--held-out-tokens", "128", "--out", str(out)]
+    assert main(args) == 0
+    record = json.loads((out / "adapter" / "recovered.json").read_text())
+    assert (record["model"], record["rules"], record["held_out_tokens"]) == ("tiny-llama", "liger", 128)
+    assert "first 128 tokens" in (out / "recover.md").read_text()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(args + ["--lr", "5e-3"]) == 2
+    assert "lr: saved 0.001, now 0.005" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
