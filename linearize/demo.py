@@ -90,9 +90,9 @@ def run_tour(new_tokens: int = 24, ppl_tokens: int = 512, width: int = 80, echo=
                       "text": tok.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True)}
 
     # Dynamo compiles each distinct call once (512-token scoring, the prompt, one-token steps, the full re-check),
-    # and again with the adapters on: more than its default limit of 8. Past the limit it would run the frame
-    # eagerly, i.e. softmax: raise the limit, and make hitting it an error rather than a silently different model.
-    with torch._dynamo.config.patch(recompile_limit=32, fail_on_recompile_limit_hit=True):
+    # and again with the adapters on: more than its default limit of 8. Past the limit a converted model raises
+    # (linearize.convert: Dynamo would otherwise run the frame eagerly, i.e. softmax), so raise the limit.
+    with torch._dynamo.config.patch(recompile_limit=32):
         with model.disable_adapter():
             measure("original", converted=False)
             say(f"converting with rules={DEFAULT_RULES!r} (linearize.convert, inner='eager') ...")

@@ -246,3 +246,17 @@ def test_decoding_with_a_growing_kv_cache_is_refused():
         out = model(_ids(1, 8), past_key_values=DynamicCache(config=model.config), use_cache=True)
         with pytest.raises(Exception, match="StateCache"):
             model(_ids(1, 1), past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_a_converted_model_past_the_recompile_limit_raises_instead_of_running_softmax():
+    """Past Dynamo's recompile limit a frame runs uncompiled, i.e. the original softmax attention: a converted model
+    raises with the fix instead; the setting is scoped to its calls, so other compiled code keeps the fallback."""
+    model = linearize.convert(tiny_model("llama"), rules="swa", inner="eager")
+    other = torch.compile(lambda x: x * 2, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False), torch.no_grad():
+        model(input_ids=torch.ones(1, 8, dtype=torch.long), use_cache=False)
+        with pytest.raises(Exception, match="limit") as info:  # a second shape is a second compile
+            model(input_ids=torch.ones(1, 12, dtype=torch.long), use_cache=False)
+        assert "would run the original softmax attention" in "\n".join(getattr(info.value, "__notes__", []))
+        for n in (3, 4, 5):  # no converted model here: Dynamo's own behaviour, eager past the limit
+            assert torch.equal(other(torch.ones(n)), torch.full((n,), 2.0))

@@ -19,6 +19,7 @@ def convert(model, rules=None, **options):
     install_learned(model, rules)
     for m in _layers(model):
         m.compile(backend="linearize", options={"rules": rules, **options})
+        m._compiled_call_impl = _refuse_eager_fallback(m._compiled_call_impl)
         m._linearize_rules = rules
         m.__dict__.pop("_linearize_plans", None)
     return model
@@ -131,6 +132,34 @@ def _lift_learned(module, args, kwargs):
             seq[key] = x
             return tuple(args), kwargs
     return None
+
+
+def _refuse_eager_fallback(compiled):
+    """Past Dynamo's recompile limit a frame runs uncompiled: for a converted model that is the original softmax
+    attention, a silently different model (and a StateCache it does not fill). Calls of a converted model raise
+    instead, with the fix; the setting is scoped to these calls, so other compiled code keeps Dynamo's fallback."""
+    import functools
+
+    import torch
+
+    if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # older Dynamo: nothing to scope
+        return compiled
+
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return compiled(*args, **kwargs)
+        except Exception as exc:
+            if "limit" in type(exc).__name__.lower():
+                exc.add_note(
+                    f"linearize: this converted model was compiled {torch._dynamo.config.recompile_limit} times "
+                    "already (torch._dynamo.config.recompile_limit); past the limit Dynamo would run the original "
+                    "softmax attention. Raise the limit (torch._dynamo.config.recompile_limit = 32), or call with "
+                    "fewer distinct shapes/argument kinds (TORCH_LOGS=recompiles says what changed).")
+            raise
+
+    return call
 
 
 def revert(model):
