@@ -77,14 +77,15 @@ class RecoverConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages or len(set(self.stages)) != len(self.stages):
             raise RecoverError(f"stages={self.stages}: give one or more of {', '.join(STAGES)}, each once")
-        named = ("tokens", "seq_len", "batch_size", "lora_r") + (("held_out_tokens",) * (self.held_out_tokens is not None))
-        for name in named:
+        optional = ("held_out_tokens",) if self.held_out_tokens is not None else ()  # None: all of the text
+        for name in ("tokens", "seq_len", "batch_size", "lora_r") + optional:
             if int(getattr(self, name)) < 1:
                 raise RecoverError(f"{name} must be positive, got {getattr(self, name)}")
         self.rules = str(self.rules)
         self.lora_targets, self.transfer_targets = tuple(self.lora_targets), tuple(self.transfer_targets)
         self.final_lengths = tuple(self.final_lengths)
         self.learned_lr = float(self.learned_lr) if self.learned_lr is not None else 10 * float(self.lr)
+        self.held_out_tokens = int(self.held_out_tokens) if self.held_out_tokens is not None else None
 
     @property
     def steps_per_stage(self) -> int:
@@ -305,7 +306,7 @@ class Run:
             self._held_out[short] = torch.tensor([encode(text, self.tokenizer, self.model.config.vocab_size)])
         ids = self._held_out[short]
         ids = ids if short else ids[:, : 3 * length]
-        return ids if self.cfg.held_out_tokens is None else ids[:, : max(int(self.cfg.held_out_tokens), length)]
+        return ids if self.cfg.held_out_tokens is None else ids[:, : max(self.cfg.held_out_tokens, length)]
 
     @torch.no_grad()
     def layer_errors(self) -> list:
