@@ -92,6 +92,8 @@ def main(argv=None) -> int:
                      "Python's documentation without the evaluation chapters)")
     rec.add_argument("--tokens", default="2M", help="training tokens over all stages, e.g. 300k, 2M")
     rec.add_argument("--stages", default="transfer,lora", help="transfer, lora, or both in order")
+    rec.add_argument("--transfer-share", type=float, default=None,
+                     help="with both stages: the transfer stage's fraction of --tokens (default 0.5)")
     rec.add_argument("--seq-len", type=int, default=512)
     rec.add_argument("--batch-size", type=int, default=1, help="sequences per step, over all processes")
     rec.add_argument("--lr", type=float, default=1e-3)
@@ -183,6 +185,7 @@ def _recover(args) -> int:
     try:
         model, tok = load(args.model)
         recover(model, rules=args.rules, data=args.data, tokens=parse_count(args.tokens), stages=split(args.stages),
+                transfer_share=args.transfer_share,
                 out=args.out, tokenizer=tok, resume=not args.no_resume, seq_len=args.seq_len,
                 batch_size=args.batch_size, lr=args.lr, learned_lr=args.learned_lr, lora_r=args.lora_r,
                 lora_alpha=args.lora_alpha,

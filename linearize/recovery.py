@@ -40,7 +40,7 @@ from .passes.bind_learned import PARAMETERS_ATTR
 STAGES = ("transfer", "lora")
 STATE_DIR = "recover_state"
 # what must match for a checkpoint to continue this run (the rest may change: progress, checkpoint_every)
-RUN_IDENTITY = ("rules", "stages", "tokens", "seq_len", "batch_size", "lr", "learned_lr", "lora_r", "lora_alpha",
+RUN_IDENTITY = ("rules", "stages", "tokens", "transfer_share", "seq_len", "batch_size", "lr", "learned_lr", "lora_r", "lora_alpha",
                 "lora_targets", "transfer_targets", "kl", "seed", "corpus")
 
 
@@ -52,7 +52,10 @@ class RecoverError(ValueError):
 class RecoverConfig:
     rules: str = DEFAULT_RULES
     stages: tuple = STAGES
-    tokens: int = 2_000_000  # training tokens over all stages, split evenly
+    tokens: int = 2_000_000  # training tokens over all stages
+    # the transfer stage's share of `tokens` when both stages run (None: half). Transfer saturates early (LoLCATs'
+    # ablation; docs/recovery.md measures it flat after ~75k tokens here), so long runs give most tokens to the LoRA
+    transfer_share: Optional[float] = None
     seq_len: int = 512
     batch_size: int = 1  # sequences per optimizer step, over all ranks
     lr: float = 1e-3
@@ -86,11 +89,19 @@ class RecoverConfig:
         self.final_lengths = tuple(self.final_lengths)
         self.learned_lr = float(self.learned_lr) if self.learned_lr is not None else 10 * float(self.lr)
         self.held_out_tokens = int(self.held_out_tokens) if self.held_out_tokens is not None else None
+        if self.transfer_share is not None:
+            self.transfer_share = float(self.transfer_share)
+            if set(self.stages) != set(STAGES) or not 0 < self.transfer_share < 1:
+                raise RecoverError(f"transfer_share={self.transfer_share}: it splits the tokens between the transfer "
+                                   "and lora stages, so give both stages and a fraction strictly between 0 and 1 "
+                                   f"(stages now: {', '.join(self.stages)})")
 
-    @property
-    def steps_per_stage(self) -> int:
-        """Optimizer steps of each stage: the token budget is split evenly between the stages."""
-        return max(1, math.ceil(self.tokens / len(self.stages) / (self.batch_size * self.seq_len)))
+    def stage_steps(self, si: int) -> int:
+        """Optimizer steps of stage `si`: its share of the token budget (even unless `transfer_share` is set)."""
+        share = 1 / len(self.stages)
+        if self.transfer_share is not None:
+            share = self.transfer_share if self.stages[si] == "transfer" else 1 - self.transfer_share
+        return max(1, math.ceil(self.tokens * share / (self.batch_size * self.seq_len)))
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -227,7 +238,7 @@ class Run:
         groups = [{"params": [p for p in params if id(p) not in learned], "lr": cfg.lr},
                   {"params": [p for p in params if id(p) in learned], "lr": cfg.learned_lr}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-        steps = cfg.steps_per_stage
+        steps = cfg.stage_steps(si)
         warmup = max(1, steps // 20)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -528,7 +539,8 @@ def _global_mean(x: torch.Tensor, world: int) -> float:
 
 
 def _stage_offset(cfg: RecoverConfig, si: int) -> int:
-    return cfg.steps_per_stage * cfg.batch_size * cfg.seq_len * si
+    """Tokens trained before stage `si` starts (the curve's x axis runs on across stages)."""
+    return sum(cfg.stage_steps(k) for k in range(si)) * cfg.batch_size * cfg.seq_len
 
 
 def _with(lengths, extra) -> list:

@@ -116,6 +116,21 @@ def test_bad_stage_and_missing_lora_target_are_refused(tmp_path):
         _run(tmp_path, lora_targets=("query",))
 
 
+def test_transfer_share_splits_the_token_budget_between_the_stages():
+    from linearize.recovery import RecoverConfig, _stage_offset
+
+    even = RecoverConfig(tokens=64 * 16, seq_len=64)
+    assert [even.stage_steps(i) for i in range(2)] == [8, 8]
+    cfg = RecoverConfig(tokens=64 * 16, seq_len=64, transfer_share=0.25)
+    assert [cfg.stage_steps(i) for i in range(2)] == [4, 12]
+    assert _stage_offset(cfg, 1) == 4 * 64  # the curve's x axis continues where transfer stopped
+    lora_first = RecoverConfig(tokens=64 * 16, seq_len=64, stages=("lora", "transfer"), transfer_share=0.25)
+    assert [lora_first.stage_steps(i) for i in range(2)] == [12, 4]
+    for bad in (dict(transfer_share=1.0), dict(transfer_share=0.0), dict(transfer_share=0.3, stages=("lora",))):
+        with pytest.raises(RecoverError, match="transfer_share"):
+            RecoverConfig(tokens=1024, **bad)
+
+
 def test_teacher_is_the_original_model_on_the_same_weights():
     """No second copy: adapters off + the eager forward = the unconverted model's logits, bit for bit."""
     model = tiny_model("llama")
