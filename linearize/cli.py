@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     rec = sub.add_parser("recover", help="train a converted model back to quality: attention transfer, then LoRA")
     rec.add_argument("--model", default="smollm2", help="smollm2, tiny-llama|mistral|qwen2, or a model folder")
     rec.add_argument("--rules", default=DEFAULT_RULES, help=f"rule set name or YAML file (default: {DEFAULT_RULES})")
-    rec.add_argument("--data", default=None, help="folder, .txt or .jsonl file (default: the offline corpus, "
-                     "Python's documentation without the evaluation chapters)")
+    rec.add_argument("--data", default=None, help="folder, .txt or .jsonl file, or 'stdlib' (the default plus the "
+                     "standard library's docstrings, ~6x the text) (default: the offline corpus, Python's "
+                     "documentation without the evaluation chapters)")
     rec.add_argument("--tokens", default="2M", help="training tokens over all stages, e.g. 300k, 2M")
     rec.add_argument("--stages", default="transfer,lora", help="transfer, lora, or both in order")
     rec.add_argument("--transfer-share", type=float, default=None,

@@ -603,7 +603,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{row['ppl'][L]:.2f}" for L in lengths) + f" | {err} |")
     cap = result["config"].get("held_out_tokens")
     if cap:  # a quick run's numbers are not comparable with full ones: say so beside them
-        lines.append(f"\nPerplexity on the first {cap} tokens of each held-out text only (held_out_tokens).")
+        lines.append(f"\nPerplexity on the first {cap} tokens of each held-out text only (held_out_tokens; at least "
+                     "one window at each context).")
     return "\n".join(lines)
 
 

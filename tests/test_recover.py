@@ -192,11 +192,15 @@ def test_bad_corpora_name_the_file_and_fix(tmp_path):
 def test_default_corpus_is_disjoint_from_the_evaluation_texts():
     from linearize.data import english_text, long_document
 
+    held_out = [p.strip() for p in (english_text() + "\n\n" + long_document()).split("\n\n") if len(p.strip()) > 200]
     texts, what = read_corpus(None)
     assert "pydoc_data" in what and len(texts) > 50
-    joined = "\n".join(texts)
-    held_out = [p.strip() for p in (english_text() + "\n\n" + long_document()).split("\n\n") if len(p.strip()) > 200]
-    assert held_out and not any(p in joined for p in held_out)
+    stdlib, what_stdlib = read_corpus("stdlib")
+    assert "docstrings" in what_stdlib and stdlib[: len(texts)] == texts
+    assert sum(map(len, stdlib)) > 5 * sum(map(len, texts))  # the point of it: several times the default's text
+    for corpus in (texts, stdlib):
+        joined = "\n".join(corpus)
+        assert held_out and not any(p in joined for p in held_out)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
