@@ -40,8 +40,8 @@ from .passes.bind_learned import PARAMETERS_ATTR
 STAGES = ("transfer", "lora")
 STATE_DIR = "recover_state"
 # what must match for a checkpoint to continue this run (the rest may change: progress, checkpoint_every)
-RUN_IDENTITY = ("rules", "stages", "tokens", "transfer_share", "seq_len", "batch_size", "lr", "learned_lr", "lora_r", "lora_alpha",
-                "lora_targets", "transfer_targets", "kl", "seed", "corpus")
+RUN_IDENTITY = ("rules", "stages", "tokens", "transfer_share", "seq_len", "batch_size", "lr", "learned_lr", "lora_r",
+                "lora_alpha", "lora_targets", "transfer_targets", "kl", "seed", "corpus")
 
 
 class RecoverError(ValueError):
