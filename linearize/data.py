@@ -186,18 +186,19 @@ def training_texts() -> list:
     for key, text in topics.items():
         if key in LONG_DOCUMENT_TOPICS:
             continue
-        paragraphs = [p.strip() for p in text.split("\n\n") if len(p.strip()) > 200]
-        if not any(p in held_out for p in paragraphs) and not _contains_any(text, LONG_DOCUMENT_TOPICS, topics):
+        if not any(p in held_out for p in paragraphs(text)) and not _contains_any(text, LONG_DOCUMENT_TOPICS, topics):
             out.append(text)
     return out
 
 
 def _contains_any(text: str, keys, topics) -> bool:
-    for k in keys:
-        paragraphs = [p.strip() for p in topics[k].split("\n\n") if len(p.strip()) > 200]
-        if any(p in text for p in paragraphs):
-            return True
-    return False
+    return any(p in text for k in keys for p in paragraphs(topics[k]))
+
+
+def paragraphs(text: str, min_chars: int = 200) -> list:
+    """The paragraphs of `text` long enough that one found verbatim in another text means shared content (short
+    ones, headings and one-line examples, recur by chance): how training and evaluation text are kept disjoint."""
+    return [p.strip() for p in text.split("\n\n") if len(p.strip()) > min_chars]
 
 
 @torch.no_grad()
@@ -299,7 +300,7 @@ def stdlib_docstrings(min_chars: int = 200) -> list:
 
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__"}
-    held_out = [p.strip() for p in (english_text() + "\n\n" + long_document()).split("\n\n") if len(p.strip()) > 200]
+    held_out = paragraphs(english_text() + "\n\n" + long_document())
     out = []
     for path in sorted(root.rglob("*.py")):
         if skip & set(path.relative_to(root).parts):

@@ -190,9 +190,9 @@ def test_bad_corpora_name_the_file_and_fix(tmp_path):
 
 
 def test_default_corpus_is_disjoint_from_the_evaluation_texts():
-    from linearize.data import english_text, long_document
+    from linearize.data import english_text, long_document, paragraphs
 
-    held_out = [p.strip() for p in (english_text() + "\n\n" + long_document()).split("\n\n") if len(p.strip()) > 200]
+    held_out = paragraphs(english_text() + "\n\n" + long_document())
     texts, what = read_corpus(None)
     assert "pydoc_data" in what and len(texts) > 50
     stdlib, what_stdlib = read_corpus("stdlib")
