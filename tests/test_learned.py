@@ -161,3 +161,41 @@ def test_rules_name_what_can_be_learned(tmp_path):
     f.write_text("rules:\n  - rewrite: swa\n    with: {window: learnable}\n")
     with pytest.raises(RuleError, match="`window` of `swa` cannot be learned"):
         load(f)
+
+
+HEDGEHOG = "rules:\n  - rewrite: lolcats\n    with: {window: 8, sinks: 2, feature_map: hedgehog%s}\n"
+
+
+def test_lolcats_learns_its_feature_map_from_the_identity(tmp_path):
+    """`learn: [feature_map]`: a [D, D] projection per query head, then per key head, before Hedgehog's feature map
+    (LoLCATs); fresh ones are the identity and compute the constant rule, trained ones change the linear part, reach
+    gradients, and decode as the full forward does."""
+    (tmp_path / "constant.yaml").write_text(HEDGEHOG % "")
+    (tmp_path / "learned.yaml").write_text(HEDGEHOG % ", learn: [feature_map]")
+    ids = _ids(40)
+    with torch.no_grad(), converted(tiny_model("llama"), str(tmp_path / "constant.yaml")) as m:
+        ref = m(input_ids=ids).logits
+    model = linearize.convert(tiny_model("llama"), rules=str(tmp_path / "learned.yaml"))
+    params = learned_parameters(model)
+    assert sorted(params) == [f"model.layers.{i}.self_attn.linearize_learned.feature_map" for i in range(2)]
+    for p in params.values():  # 4 query heads, then 2 key heads, head dimension 16
+        torch.testing.assert_close(p.detach(), torch.eye(16).expand(6, 16, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    out = model(input_ids=ids).logits
+    assert (out - ref).abs().max().item() > 1e-3  # the projections are used
+    out.square().mean().backward()
+    for p in params.values():
+        assert p.grad is not None and p.grad.abs().sum().item() > 0
+
+    one = ids[:1]
+    with torch.no_grad():
+        full = model(input_ids=one, use_cache=False).logits
+    steps = decode_logits(model, one, StateCache(model, max_length=48), prompt_len=25)
+    assert (steps - full).abs().max().item() <= 1e-4
+    assert load(tmp_path / "learned.yaml").rules[0].params["learn"] == ["feature_map"]

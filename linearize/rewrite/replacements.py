@@ -109,11 +109,23 @@ def mixed(mix, window_out, linear_out):
     return mix[0] * window_out + mix[1] * linear_out
 
 
-def lolcats_attention(q, k, v, q_pre, k_pre, *, window: int, window_scale: float, feature_map: str, sinks: int = 0):
-    """LoLCATs: softmax over the last `window` keys (RoPE'd q, k) and the first `sinks` keys, feature-map linear
-    attention over every other older key (pre-RoPE q, k), one shared normaliser
-    (`torch.ops.linearize.hybrid_attention`)."""
+def lolcats_features(q_pre, k_pre, feature_map: str, projection=None):
+    """phi(q), phi(k) in fp32; with a learned `projection` [Hq + Hkv, D, D] (rewrite/learned.py), phi(x W) with
+    one W per query head, then per key head (LoLCATs' Hedgehog map)."""
+    q, k = q_pre.float(), k_pre.float()
+    if projection is not None:
+        w = projection.float()
+        q = torch.einsum("bhtd,hde->bhte", q, w[:q.shape[1]])
+        k = torch.einsum("bhtd,hde->bhte", k, w[q.shape[1]:])
     phi = FEATURE_MAPS[feature_map]
-    fq, fk = phi(q_pre.float()), phi(k_pre.float())
+    return phi(q), phi(k)
+
+
+def lolcats_attention(q, k, v, q_pre, k_pre, *, window: int, window_scale: float, feature_map: str, sinks: int = 0,
+                      projection=None):
+    """LoLCATs: softmax over the last `window` keys (RoPE'd q, k) and the first `sinks` keys, feature-map linear
+    attention over every other older key (pre-RoPE q, k, through the learned `projection` where the rules learn
+    it), one shared normaliser (`torch.ops.linearize.hybrid_attention`)."""
+    fq, fk = lolcats_features(q_pre, k_pre, feature_map, projection)
     o = torch.ops.linearize.hybrid_attention(q.float(), k.float(), v.float(), fq, fk, window_scale, window, sinks)
     return o.to(v.dtype)

@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 
 from . import replacements as R
-from .gates import FEATURE_MAPS
 
 
 def key_validity(mask: Optional[torch.Tensor], pos0: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -57,10 +56,9 @@ def liger_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, rin
 
 def lolcats_attention_step(q, k, v, q_pre, k_pre, valid, pos0, ring_k, ring_v, ring_pos, ring_fk, state, norm,
                            sink_k, sink_v, sink_pos, *, window: int, window_scale: float, feature_map: str,
-                           sinks: int = 0):
+                           sinks: int = 0, projection=None):
     """`sinks` is the size of the sink buffers (empty without sinks); the op reads it from them."""
-    phi = FEATURE_MAPS[feature_map]
-    fq, fk = phi(q_pre.float()), phi(k_pre.float())
+    fq, fk = R.lolcats_features(q_pre, k_pre, feature_map, projection)
     buffers = (ring_k, ring_v, ring_pos, ring_fk, state, norm, sink_k, sink_v, sink_pos)
     o, *new = torch.ops.linearize.ring_hybrid_attention(q.float(), k, v, fq, fk, valid, pos0, *buffers,
                                                          window_scale, window)

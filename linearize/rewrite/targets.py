@@ -250,7 +250,7 @@ def _emit_liger(graph, site, params):
 def _emit_lolcats(graph, site, params):
     p = site.provenance
     kwargs = {"window": params["window"], "window_scale": site.scale, "feature_map": params["feature_map"],
-              "sinks": params["sinks"]}
+              "sinks": params["sinks"], "projection": site.learned.get("feature_map")}
     return _call(graph, site, R.lolcats_attention, S.lolcats_attention_step,
                  (site.q, site.k, site.v, p.q_pre_rope, p.k_pre_rope), kwargs)
 
@@ -268,7 +268,7 @@ TARGETS = {
     "gla": Target("gla", dict(GLA_DEFAULTS), _check_linear, _emit_gla, _GLA_CHOICES, state_buffers=("state",)),
     "liger": Target("liger", {**WINDOW_DEFAULTS, **GLA_DEFAULTS, "mix": [0.5, 0.5], "learn": []}, _check_liger,
                     _emit_liger, _GLA_CHOICES, state_buffers=(*_RING, "state")),
-    "lolcats": Target("lolcats", {**WINDOW_DEFAULTS, "feature_map": "softmax"}, _check_linear,
+    "lolcats": Target("lolcats", {**WINDOW_DEFAULTS, "feature_map": "softmax", "learn": []}, _check_linear,
                       _emit_lolcats, _LOLCATS_CHOICES,
                       state_buffers=("ring_k", "ring_v", "ring_pos", "ring_fk", "state", "norm", *_RING[3:])),
 }
