@@ -26,6 +26,10 @@ def zeroed(base: str, window_weight: float):
 
     rs = R.load(base)
     (rule,) = rs.rules
+    if "mix" in rule.params.get("learn", ()):
+        # the learned per-head weights would replace the fixed [w, 0] below: the "zeroed" row would not be zeroed
+        raise SystemExit(f"{base}: its mix is learned (learn: [mix]), so it cannot be zeroed by the rule file; "
+                         "run this bench with a fixed-mix recipe")
     params = {**rule.params, "mix": [window_weight, 0.0]}
     text = yaml.safe_dump({"name": f"{base}-no-linear-{window_weight:g}", "rules": [
         {"rewrite": rule.rewrite, "with": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}}]})
