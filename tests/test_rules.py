@@ -58,7 +58,8 @@ def test_recipe_parameters():
     hgrn2 = load("hgrn2").rules[0]
     assert hgrn2.params["gate"] == "hgrn2" and "gate_lower_bound" in hgrn2.formulas
     lolcats = load("lolcats").rules[0]
-    assert lolcats.rewrite == "lolcats" and lolcats.params == {"window": 64, "sinks": 0, "feature_map": "hedgehog"}
+    assert lolcats.rewrite == "lolcats" and lolcats.params == {"window": 64, "sinks": 0, "feature_map": "hedgehog",
+                                                                "learn": []}
 
 
 # ------------------------------------------------------------------------------------------------ selectors
