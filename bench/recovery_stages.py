@@ -113,13 +113,17 @@ def main() -> None:
     parser.add_argument("--tokens", default="40k", help="training tokens per run, over all its stages")
     parser.add_argument("--recipes", default="liger,lolcats,gla,exact", help=f"some of {', '.join(RECIPES)}")
     parser.add_argument("--out", default=str(HERE / "out" / "stages"))
+    parser.add_argument("--no-run", action="store_true", help="only summarise the runs already in --out")
     args = parser.parse_args()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         parser.error(f"--recipes: unknown {unknown}; choose from {list(RECIPES)}")
     out = pathlib.Path(args.out)
-    rows = [summarise(r, s, run_one(r, s, args.tokens, out / f"{r}_{s}")) for r, s in runs(recipes)]
+    todo = [(r, s) for r, s in runs(recipes) if not args.no_run or (out / f"{r}_{s}" / "recover.json").exists()]
+    if not todo:
+        parser.error(f"--no-run: no finished run in {out}")
+    rows = [summarise(r, s, run_one(r, s, args.tokens, out / f"{r}_{s}")) for r, s in todo]
     write_results({"tokens": args.tokens, "held_out_tokens": 1536, "out": str(out), "rows": rows}, out, "stages",
                   print_table, plot)
 
