@@ -27,7 +27,8 @@ RECIPES = {"liger": str(HERE / "rules" / "liger-learned-mix.yaml"),
            "lolcats": str(HERE / "rules" / "lolcats-hedgehog.yaml"),
            "gla": "gla", "exact": "exact"}
 STAGES = {"transfer": "transfer", "lora": "lora", "both": "transfer,lora"}
-COMMON = ["--model", "smollm2", "--data", "stdlib", "--kl", "1.0", "--held-out-tokens", "1536",
+HELD_OUT_TOKENS = 1536  # score the first N tokens of each held-out text: quick runs, comparable with each other
+COMMON = ["--model", "smollm2", "--data", "stdlib", "--kl", "1.0", "--held-out-tokens", str(HELD_OUT_TOKENS),
           "--lora-targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
 
 
@@ -124,8 +125,8 @@ def main() -> None:
     if not todo:
         parser.error(f"--no-run: no finished run in {out}")
     rows = [summarise(r, s, run_one(r, s, args.tokens, out / f"{r}_{s}")) for r, s in todo]
-    write_results({"tokens": args.tokens, "held_out_tokens": 1536, "out": str(out), "rows": rows}, out, "stages",
-                  print_table, plot)
+    result = {"tokens": args.tokens, "held_out_tokens": HELD_OUT_TOKENS, "out": str(out), "rows": rows}
+    write_results(result, out, "stages", print_table, plot)
 
 
 if __name__ == "__main__":
